@@ -1,0 +1,161 @@
+"""The offline root: create it, and sign the fleet CA's CSR with it. Runs only on the offline
+ceremony machine (``fleettrust ca init-root`` / ``fleettrust ca sign``), never in the server.
+
+A root directory holds ``root.pem`` (public), ``root.json`` (where the key is, its fingerprint)
+and either ``root.key.pem`` (PKCS#8, encrypted with the ceremony passphrase) or nothing more when
+the key lives in a PKCS#11 token. ``issued.jsonl`` records every certificate the root signed.
+This module does not talk to the server or its database.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from fleettrust import pki
+from fleettrust.errors import ConflictError, ValidationError
+from fleettrust.signing.base import Signer, SignerAlgorithm
+from fleettrust.signing.filekeys import (
+    generate_private_key,
+    load_encrypted_key,
+    write_encrypted_key,
+)
+
+ROOT_CERT = "root.pem"
+ROOT_KEY = "root.key.pem"
+ROOT_META = "root.json"
+ISSUED_LOG = "issued.jsonl"
+
+
+@dataclass(frozen=True)
+class RootInfo:
+    directory: Path
+    certificate: x509.Certificate
+    fingerprint: str
+    key_backend: str
+
+
+def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def init_root(
+    directory: Path,
+    *,
+    passphrase: bytes | None,
+    now: dt.datetime,
+    common_name: str = "Fleet Root CA",
+    organization: str = "fleettrust fleet",
+    algorithm: SignerAlgorithm = SignerAlgorithm.EC_P384,
+    validity_days: int = 9125,
+    pkcs11: object | None = None,
+) -> RootInfo:
+    """Create a new root CA in ``directory`` (which must not already hold one)."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if (directory / ROOT_CERT).exists() or (directory / ROOT_META).exists():
+        raise ConflictError(f"{directory} already holds a root CA; refusing to overwrite it",
+                            code="root_exists")
+    signer: Signer
+    if pkcs11 is not None:
+        from fleettrust.signing.pkcs11 import Pkcs11Config, Pkcs11KeyStore
+
+        if not isinstance(pkcs11, Pkcs11Config):
+            raise TypeError("pkcs11 must be a Pkcs11Config")
+        signer = Pkcs11KeyStore(pkcs11).generate("root-ca", algorithm)
+        meta = {"key_backend": "pkcs11", "key_id": signer.key_id, "module": pkcs11.module,
+                "token_label": pkcs11.token_label}
+    else:
+        if not passphrase or len(passphrase) < 12:
+            raise ValidationError("the root key passphrase must have at least 12 characters",
+                                  code="weak_passphrase")
+        key = generate_private_key(algorithm)
+        write_encrypted_key(directory / ROOT_KEY, key, passphrase)
+        signer = load_encrypted_key(directory / ROOT_KEY, passphrase)
+        meta = {"key_backend": "file", "key_file": ROOT_KEY}
+    cert = pki.build_root_certificate(
+        signer, common_name=common_name, organization=organization, now=now,
+        validity_days=validity_days,
+    )
+    fp = pki.fingerprint_sha256(cert)
+    meta.update({"fingerprint_sha256": fp, "created_at": now.isoformat(),
+                 "algorithm": algorithm.value})
+    _atomic_write(directory / ROOT_CERT, cert.public_bytes(serialization.Encoding.PEM))
+    _atomic_write(directory / ROOT_META, json.dumps(meta, indent=2).encode())
+    return RootInfo(directory, cert, fp, str(meta["key_backend"]))
+
+
+def load_root(directory: Path, *, passphrase: bytes | None,
+              pkcs11_pin: str | None = None) -> tuple[x509.Certificate, Signer]:
+    try:
+        meta = json.loads((directory / ROOT_META).read_text())
+        cert = x509.load_pem_x509_certificate((directory / ROOT_CERT).read_bytes())
+    except FileNotFoundError as exc:
+        raise ValidationError(f"{directory} is not a root CA directory ({exc.filename} missing)",
+                              code="not_root_dir") from exc
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ValidationError(f"root CA directory {directory} is corrupt: {exc}",
+                              code="root_dir_corrupt") from exc
+    if meta.get("key_backend") == "pkcs11":
+        from fleettrust.signing.pkcs11 import Pkcs11Config, Pkcs11KeyStore
+
+        if not pkcs11_pin:
+            raise ValidationError("the root key is in a PKCS#11 token: give its PIN",
+                                  code="pin_required")
+        store = Pkcs11KeyStore(Pkcs11Config(module=meta["module"],
+                                            token_label=meta["token_label"],
+                                            user_pin=pkcs11_pin))
+        signer = store.load(meta["key_id"])
+    else:
+        if not passphrase:
+            raise ValidationError("the root key passphrase is required", code="passphrase_required")
+        signer = load_encrypted_key(directory / ROOT_KEY, passphrase)
+    if pki.public_key_fingerprint(signer.public_key()) != pki.public_key_fingerprint(
+        cert.public_key()
+    ):
+        raise ValidationError("root key does not match root.pem", code="root_key_mismatch")
+    return cert, signer
+
+
+def sign_ca_csr(
+    directory: Path,
+    csr_pem: bytes,
+    *,
+    passphrase: bytes | None,
+    now: dt.datetime,
+    path_length: int | None = 2,
+    validity_days: int = 5475,
+    crl_url: str | None = None,
+    pkcs11_pin: str | None = None,
+    common_name: str | None = None,
+) -> x509.Certificate:
+    """Sign an intermediate (fleet) CA CSR with the offline root; log it in issued.jsonl."""
+    root, signer = load_root(directory, passphrase=passphrase, pkcs11_pin=pkcs11_pin)
+    csr = pki.load_csr(csr_pem)
+    pki.check_key_allowed(csr.public_key())
+    cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = common_name or (str(cns[0].value) if cns else "Fleet CA")
+    org_attrs = root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+    org = str(org_attrs[0].value) if org_attrs else "fleettrust fleet"
+    cert = pki.issue_ca_certificate(
+        signer, root, csr.public_key(), common_name=cn, organization=org,
+        path_length=path_length, serial=pki.new_serial(), now=now,
+        validity_days=validity_days, crl_url=crl_url, ocsp_url=None, ca_issuers_url=None,
+    )
+    entry = {"serial": format(cert.serial_number, "x"), "subject": cert.subject.rfc4514_string(),
+             "not_after": cert.not_valid_after_utc.isoformat(), "signed_at": now.isoformat(),
+             "fingerprint_sha256": pki.fingerprint_sha256(cert)}
+    with open(directory / ISSUED_LOG, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry) + "\n")
+    return cert
