@@ -25,10 +25,10 @@ from typing import Any
 
 from pkilint import document, loader, pkix, validation
 from pkilint.pkix import certificate, crl, extension, name, ocsp
+from pkilint.validation import ValidationFindingSeverity as Severity
 from pyasn1.codec.der import decoder as pyasn1_der_decoder
 from pyasn1.error import PyAsn1Error
 
-Severity = validation.ValidationFindingSeverity
 _FAILING = (Severity.FATAL, Severity.ERROR, Severity.WARNING)
 _BIG_ARC_ERROR = "larger than 32-bits"
 
@@ -75,7 +75,9 @@ def _to_der(data: bytes | str, pem_label: str) -> bytes:
     return base64.b64decode("".join(match.group(1).split()))
 
 
-def lint_findings(results: Iterable[validation.ValidationResult]) -> list[tuple[Severity, str, str]]:
+def lint_findings(
+    results: Iterable[validation.ValidationResult],
+) -> list[tuple[Severity, str, str]]:
     """(severity, code, 'validator @ path: message') for every finding in ``results``."""
     out: list[tuple[Severity, str, str]] = []
     for result in results:

@@ -49,6 +49,10 @@ class Settings:
     organization: str = "fleettrust fleet"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    gateway_host: str = DEFAULT_HOST
+    gateway_port: int = DEFAULT_GATEWAY_PORT
+    gateway_dns_names: tuple[str, ...] = ("localhost",)
+    gateway_ips: tuple[str, ...] = ("127.0.0.1",)
     max_body_bytes: int = 1 << 20
     max_bulk_body_bytes: int = 64 << 20
     max_bulk_items: int = 10_000
@@ -99,6 +103,9 @@ class Settings:
         h = host or _env("HOST") or DEFAULT_HOST
         p = port or int(_env("PORT") or DEFAULT_PORT)
         base = public_base_url or _env("PUBLIC_BASE_URL") or f"http://{h}:{p}"
+        gw_port = int(_env("GATEWAY_PORT") or DEFAULT_GATEWAY_PORT)
+        gw_dns = tuple(n for n in (_env("GATEWAY_DNS_NAMES") or "localhost").split(",") if n)
+        gw_ips = tuple(n for n in (_env("GATEWAY_IPS") or "127.0.0.1").split(",") if n)
         ks = _env("KEY_STORE") or "file"
         pk: Pkcs11Settings | None = None
         module = _env("PKCS11_MODULE")
@@ -118,4 +125,8 @@ class Settings:
             host=h,
             port=p,
             crl_shards=int(_env("CRL_SHARDS") or 16),
+            gateway_host=_env("GATEWAY_HOST") or h,
+            gateway_port=gw_port,
+            gateway_dns_names=gw_dns,
+            gateway_ips=gw_ips,
         )

@@ -38,6 +38,7 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -49,6 +50,7 @@ from starlette.routing import Route
 
 import fleettrust
 from fleettrust.api.tls import (
+    CLOSE_GRACE_SECONDS,
     HTTPTOOLS_AVAILABLE,
     ConnectionRegistry,
     ManagedServer,
@@ -382,7 +384,7 @@ def raw_request(
         head, _, body = data.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200"), head
         # TLS 1.3 tickets arrive after the handshake; the session is complete once read.
-        return json.loads(body), tls.session, tls.session_reused
+        return json.loads(body), tls.session, bool(tls.session_reused)
 
 
 # ------------------------------------------------------------------------------------------
@@ -420,9 +422,11 @@ def test_server_context_argument_checks(pki: Pki) -> None:
     )
     assert optional.verify_mode == ssl.CERT_OPTIONAL
     server_only = build_server_ssl_context(
-        certfile=pki.server_cert, keyfile=pki.server_key, client_ca_file=None,
+        certfile=pki.server_cert,
+        keyfile=pki.server_key,
+        client_ca_file=None,
         require_client_cert=False,
-    )  # fmt: skip
+    )
     assert server_only.verify_mode == ssl.CERT_NONE
 
 
@@ -430,9 +434,7 @@ def test_make_server_rejects_overrides_of_the_tls_setup(pki: Pki) -> None:
     app = make_app(ConnectionRegistry())
     for kwargs in ({"http": "h11"}, {"ssl_certfile": "x.pem"}, {"ws": "auto"}, {"workers": 2}):
         with pytest.raises(TypeError, match="does not accept"):
-            make_server(
-                app, host="127.0.0.1", port=0, ssl_context=None, registry=None, **kwargs
-            )
+            make_server(app, host="127.0.0.1", port=0, ssl_context=None, registry=None, **kwargs)
 
 
 # ------------------------------------------------------------------------------------------
@@ -462,6 +464,40 @@ def test_httpx_sees_peer_certificate(
     assert second.json()["connection_id"] == body["connection_id"]
 
 
+def test_stock_uvicorn_still_does_not_expose_the_client_certificate(pki: Pki) -> None:
+    """Canary for ADR 0003: the custom protocol exists because stock uvicorn (h11, with the
+    same SSL context) passes no client certificate to the app. When this fails, uvicorn has
+    started exposing it (e.g. Kludex/uvicorn#3132): revisit the ADR and drop our injection."""
+    seen: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return
+        seen.append(dict(scope.get("extensions") or {}))
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    ctx = gateway_context(pki)
+    config = uvicorn.Config(
+        app,
+        host="127.0.0.1",
+        port=0,
+        http="h11",
+        ws="none",
+        ssl_context_factory=lambda _config, _default: ctx,
+        log_config=None,
+        lifespan="off",
+    )
+    runner = ServerThread([ManagedServer(config)]).start()
+    try:
+        with httpx.Client(verify=client_context(pki), timeout=TIMEOUT) as client:
+            assert client.get(f"https://127.0.0.1:{runner.port()}/").status_code == 204
+    finally:
+        runner.stop()
+    assert len(seen) == 1
+    assert "tls" not in seen[0], f"uvicorn now sets scope['extensions']['tls']: {seen[0]!r}"
+
+
 def test_curl_sees_the_same(gateway: Gateway, pki: Pki) -> None:
     curl = shutil.which("curl")
     if curl is None:
@@ -487,9 +523,7 @@ def test_curl_sees_the_same(gateway: Gateway, pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("cert", [None, "rogue"], ids=["no-cert", "other-ca"])
-@pytest.mark.parametrize(
-    "max_version", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"]
-)
+@pytest.mark.parametrize("max_version", [None, ssl.TLSVersion.TLSv1_2], ids=["tls1.3", "tls1.2"])
 def test_client_without_valid_certificate_is_rejected(
     gateway: Gateway, pki: Pki, cert: str | None, max_version: ssl.TLSVersion | None
 ) -> None:
@@ -500,7 +534,7 @@ def test_client_without_valid_certificate_is_rejected(
     # the handshake, then the server's rejection shows as EOF/reset on the first read.
     with socket.create_connection(("127.0.0.1", gateway.port), timeout=TIMEOUT) as raw:
         if max_version == ssl.TLSVersion.TLSv1_2:
-            with pytest.raises(ssl.SSLError, match="EOF|UNEXPECTED_EOF"):
+            with pytest.raises(ssl.SSLError, match=r"UNEXPECTED_EOF|EOF occurred"):
                 ctx.wrap_socket(raw, server_hostname="localhost")
         else:
             with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
@@ -525,7 +559,10 @@ def test_client_without_valid_certificate_is_rejected(
 # ------------------------------------------------------------------------------------------
 
 
-def test_registry_close_from_another_thread(gateway: Gateway, pki: Pki) -> None:
+@pytest.mark.parametrize("grace", [1.0, 0.0], ids=["graceful", "abort"])
+def test_registry_close_from_another_thread(gateway: Gateway, pki: Pki, grace: float) -> None:
+    """The client stays idle (it is not reading), so it never answers the server's TLS
+    close_notify: the graceful variant is completed by the abort after ``grace`` seconds."""
     registry = gateway.registry
     with httpx.Client(verify=client_context(pki), timeout=TIMEOUT) as client:
         bound = client.post(f"{gateway.url}/bind/device-A").json()
@@ -535,7 +572,7 @@ def test_registry_close_from_another_thread(gateway: Gateway, pki: Pki) -> None:
         assert registry.connection_ids("device-A") == {conn_id}
         assert registry.key_of(conn_id) == "device-A"
 
-        assert registry.close("device-A") == 1  # called off the loop thread
+        assert registry.close("device-A", grace=grace) == 1  # called off the loop thread
         # The server saw the close: connection_lost ran and unregistered the connection.
         wait_until(lambda: conn_id not in registry, "server-side connection_lost")
         assert registry.connection_ids("device-A") == frozenset()
@@ -665,6 +702,21 @@ def test_plain_http_to_tls_port_is_refused_cleanly(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def test_shutdown_with_an_idle_kept_alive_client_is_prompt(pki: Pki) -> None:
+    """uvicorn closes idle connections at shutdown; asyncio then waits for the peer's TLS
+    close_notify (up to 30 s). The protocol aborts after CLOSE_GRACE_SECONDS instead."""
+    registry = ConnectionRegistry()
+    server = quiet_server(make_app(registry), gateway_context(pki), registry)
+    server.config.timeout_graceful_shutdown = 30
+    runner = ServerThread([server]).start()
+    with httpx.Client(verify=client_context(pki), timeout=TIMEOUT) as idle:
+        idle.get(f"https://127.0.0.1:{runner.port()}/whoami")
+        started = time.monotonic()
+        runner.stop()
+        assert time.monotonic() - started < CLOSE_GRACE_SECONDS + 2
+    assert len(registry) == 0
+
+
 # ------------------------------------------------------------------------------------------
 # Several listeners on one loop
 # ------------------------------------------------------------------------------------------
@@ -673,9 +725,11 @@ def test_plain_http_to_tls_port_is_refused_cleanly(
 def test_serve_many_operator_api_and_gateway(pki: Pki) -> None:
     operator_registry, gateway_registry = ConnectionRegistry(), ConnectionRegistry()
     operator_ctx = build_server_ssl_context(
-        certfile=pki.server_cert, keyfile=pki.server_key, client_ca_file=None,
+        certfile=pki.server_cert,
+        keyfile=pki.server_key,
+        client_ca_file=None,
         require_client_cert=False,
-    )  # fmt: skip
+    )
     operator = quiet_server(make_app(operator_registry), operator_ctx, operator_registry)
     gateway = quiet_server(make_app(gateway_registry), gateway_context(pki), gateway_registry)
     runner = ServerThread([operator, gateway]).start()
@@ -758,7 +812,8 @@ def test_serve_many_sigterm_shuts_down_both_listeners(pki: Pki, tmp_path: Path) 
         )
     )
     src_dir = str(Path(fleettrust.__file__).resolve().parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))}  # noqa: E501
+    pythonpath = os.pathsep.join(filter(None, [src_dir, os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": pythonpath}
     with subprocess.Popen(
         [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env
     ) as proc:

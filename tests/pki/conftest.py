@@ -52,7 +52,7 @@ class InMemorySigner:
     def __init__(self, key: ec.EllipticCurvePrivateKey, key_id: str = "mem:test") -> None:
         self._key = key
         self._key_id = key_id
-        self._hash: hashes.HashAlgorithm = (
+        self._hash: hashes.SHA256 | hashes.SHA384 = (
             hashes.SHA256() if key.curve.name == "secp256r1" else hashes.SHA384()
         )
 
@@ -64,6 +64,11 @@ class InMemorySigner:
             ec.SECP256R1() if algorithm is SignerAlgorithm.EC_P256 else ec.SECP384R1()
         )
         return cls(ec.generate_private_key(curve), key_id=f"mem:{label}")
+
+    @property
+    def private_key(self) -> ec.EllipticCurvePrivateKey:
+        """Test-only escape hatch (e.g. for cryptography's OCSP builder); real signers have none."""
+        return self._key
 
     @property
     def key_id(self) -> str:

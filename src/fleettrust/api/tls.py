@@ -19,6 +19,9 @@ What this module does
   :meth:`ConnectionRegistry.bind` and can drop every open connection of that key at once with
   :meth:`ConnectionRegistry.close` (for example right after revoking a device). Safe to call
   from the event loop or from any other thread; connections unregister themselves on close.
+  A closed connection sends TLS close_notify and is aborted if the peer has not answered
+  within :data:`CLOSE_GRACE_SECONDS` (asyncio would wait up to 30 s for an idle peer); the
+  same bound applies to idle connections at server shutdown.
 * :func:`make_server` builds a :class:`ManagedServer` (a ``uvicorn.Server``) wired to the
   protocol class, the SSL context and a registry; :func:`serve_many` runs several of them on
   one event loop (operator API and device gateway side by side) with one signal handler and
@@ -45,9 +48,10 @@ What this module does NOT do
   CRL when the *full* handshake happened). A *resumed* session skips chain and CRL checks and
   carries the certificate of the original handshake, so the application must check the
   certificate's revocation state itself on every request (by serial) and must not treat
-  "connected" as "still trusted". Session tickets stay valid for OpenSSL's default lifetime;
-  Python offers no way to invalidate them short of building a new context and restarting the
-  listener.
+  "connected" as "still trusted". Session tickets stay valid for OpenSSL's default lifetime
+  (7200 s, measured); Python offers no way to shorten or invalidate them short of building a
+  new context and restarting the listener. Closing a revoked device's connections does not
+  stop it from reconnecting by resumption within that window.
 * Only the leaf certificate is exposed. Python 3.11's ``ssl`` has no ``get_verified_chain``
   (3.13 has); the issuing intermediate is not available.
 * The key ``scope["extensions"]["tls"]`` is the same key the ASGI TLS extension specification
@@ -58,12 +62,18 @@ What this module does NOT do
   different protocol object, which would neither carry the TLS extension nor unregister from
   the registry. No HTTP/2.
 * No CRL reload: the CRL (if any) is read when the context is built.
-* No logging of failed handshakes: asyncio drops TLS handshake errors silently (they are
-  ``OSError`` subclasses) unless the loop runs in debug mode.
+* No logging of failed handshakes, and no TLS alert to the rejected client: asyncio drops
+  handshake errors silently (``OSError`` subclasses; logged only in loop debug mode) and
+  discards the fatal alert OpenSSL generated (CPython gh-98078), so a device without a valid
+  certificate sees EOF or a reset - during the handshake on TLS 1.2, on its first read on
+  TLS 1.3 (whose client finishes the handshake before the server checks the certificate).
+* No TLS handshake timeout of our own: uvicorn does not pass ``ssl_handshake_timeout``, so
+  asyncio's default (60 s) applies to peers that connect and stall.
 * Relies on uvicorn internals (see docs/adr/0003-device-gateway-mtls-transport.md for the
   pinned range and how a change is detected): the protocol constructor signature, the
-  per-connection ``app`` attribute read for every request, ``connection_made``/
-  ``connection_lost``, and ``Server.capture_signals``.
+  per-connection ``app`` attribute read for every request, the ``transport``/``loop``
+  attributes, ``connection_made``/``connection_lost``/``shutdown``, ``Config.http`` accepting
+  a class, ``Config.ssl_context_factory``, and ``Server.capture_signals``/``servers``.
 """
 
 from __future__ import annotations
@@ -77,7 +87,7 @@ import os
 import signal
 import ssl
 import threading
-from collections.abc import Generator, Hashable, Sequence
+from collections.abc import Callable, Generator, Hashable, Sequence
 from dataclasses import dataclass
 from types import FrameType
 from typing import Any, ClassVar, Literal, TypedDict, cast
@@ -87,6 +97,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 __all__ = [
+    "CLOSE_GRACE_SECONDS",
     "HTTPTOOLS_AVAILABLE",
     "TLS12_CIPHERS",
     "ConnectionRegistry",
@@ -111,6 +122,10 @@ TLS12_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
 #: Whether the faster httptools parser is importable (then it is the default protocol base).
 HTTPTOOLS_AVAILABLE: bool = importlib.util.find_spec("httptools") is not None
 
+#: Seconds a closing TLS connection may wait for the peer's close_notify before it is aborted
+#: (asyncio's own limit is 30 s). Used by ConnectionRegistry.close and at server shutdown.
+CLOSE_GRACE_SECONDS = 1.0
+
 # Process-wide connection ids; ``next()`` on itertools.count is atomic under the GIL.
 _CONNECTION_IDS = itertools.count(1)
 
@@ -127,8 +142,11 @@ def build_server_ssl_context(
     client_ca_file: StrPath | None,
     require_client_cert: bool,
     crl_file: StrPath | None = None,
+    password: bytes | None = None,
 ) -> ssl.SSLContext:
     """Build a server-side TLS context for one listener.
+
+    ``password`` decrypts an encrypted PEM ``keyfile`` (the key never touches disk in clear).
 
     ``certfile`` is the server certificate (optionally followed by its chain), ``keyfile`` its
     private key (``None`` if the key is in ``certfile``). ``client_ca_file`` is the PEM bundle
@@ -163,7 +181,7 @@ def build_server_ssl_context(
     # every SSLContext, which OpenSSL requires to resume sessions with verified client certs.
     ctx.options &= ~ssl.OP_NO_TICKET
     ctx.num_tickets = 2
-    ctx.load_cert_chain(certfile=certfile, keyfile=keyfile)
+    ctx.load_cert_chain(certfile=certfile, keyfile=keyfile, password=password)
     if client_ca_file is not None:
         ctx.load_verify_locations(cafile=client_ca_file)
         ctx.verify_mode = ssl.CERT_REQUIRED if require_client_cert else ssl.CERT_OPTIONAL
@@ -244,28 +262,53 @@ class ConnectionRegistry:
             self._by_key.setdefault(key, set()).add(connection_id)
             return True
 
-    def close(self, key: Hashable, *, abort: bool = False) -> int:
+    def close(self, key: Hashable, *, grace: float = CLOSE_GRACE_SECONDS) -> int:
         """Close every open connection bound to ``key``; return how many were closed.
 
-        ``abort=False`` closes gracefully (buffered data is flushed, TLS close_notify sent);
-        ``abort=True`` drops the TCP connection at once. Either way a request in flight on
-        such a connection gets no (or a truncated) response - including the request that
-        calls this method, if it runs on one of those connections. The connections leave
-        the registry when the transport reports them lost; they are unbound immediately.
+        Each connection is closed gracefully (buffered data flushed, TLS close_notify sent)
+        and, if the peer has not completed the TLS shutdown within ``grace`` seconds, aborted
+        (TCP connection dropped): asyncio would otherwise keep waiting for the peer's
+        close_notify for up to 30 s, and an idle client that is not reading never sends it.
+        ``grace=0`` aborts at once. A request in flight on such a connection gets no (or a
+        truncated) response - including the request calling this method, if it runs on one
+        of these connections. The connections are unbound immediately and leave the registry
+        when the transport reports them lost.
         """
         with self._lock:
             ids = self._by_key.pop(key, set())
-            targets: list[_Entry] = []
+            targets: list[tuple[int, _Entry]] = []
             for connection_id in ids:
                 entry = self._entries.get(connection_id)
                 if entry is None:
                     continue
                 entry.key = None
                 entry.closing = True
-                targets.append(entry)
-        for entry in targets:
-            _close_transport(entry.transport, entry.loop, abort=abort)
+                targets.append((connection_id, entry))
+        for connection_id, entry in targets:
+            _call_on_loop(
+                entry.loop, self._close_on_loop, connection_id, entry.transport, entry.loop, grace
+            )
         return len(targets)
+
+    def _close_on_loop(
+        self,
+        connection_id: int,
+        transport: asyncio.Transport,
+        loop: asyncio.AbstractEventLoop,
+        grace: float,
+    ) -> None:
+        if grace <= 0:
+            transport.abort()
+            return
+        transport.close()
+        loop.call_later(grace, self._abort_if_open, connection_id, transport)
+
+    def _abort_if_open(self, connection_id: int, transport: asyncio.Transport) -> None:
+        with self._lock:
+            entry = self._entries.get(connection_id)
+            still_open = entry is not None and entry.transport is transport
+        if still_open:
+            transport.abort()
 
     def connection_ids(self, key: Hashable) -> frozenset[int]:
         """Ids of the open connections currently bound to ``key``."""
@@ -295,19 +338,17 @@ class ConnectionRegistry:
                 del self._by_key[key]
 
 
-def _close_transport(
-    transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, *, abort: bool
-) -> None:
-    action = transport.abort if abort else transport.close
+def _call_on_loop(loop: asyncio.AbstractEventLoop, func: Callable[..., None], *args: Any) -> None:
+    """Run ``func(*args)`` on ``loop``: now if we are on it, else via call_soon_threadsafe."""
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         running = None
     if running is loop:
-        action()
+        func(*args)
         return
     try:
-        loop.call_soon_threadsafe(action)
+        loop.call_soon_threadsafe(func, *args)
     except RuntimeError:
         # The owning loop is closed: its transports are gone already.
         logger.debug("event loop closed before a registry close could be delivered")
@@ -376,7 +417,8 @@ class _TLSScopeMixin(asyncio.Protocol):
 
     Relies on these uvicorn protocol internals (h11 and httptools alike): ``self.app`` is set
     in ``__init__`` and read for every request; ``self.transport`` and ``self.loop`` exist;
-    ``connection_made``/``connection_lost`` are the standard asyncio callbacks.
+    ``connection_made``/``connection_lost`` are the standard asyncio callbacks, the first one
+    called after the TLS handshake; ``shutdown()`` is called per connection by the server.
     """
 
     #: Set on the per-server subclass made by :func:`tls_protocol_class`.
@@ -384,7 +426,9 @@ class _TLSScopeMixin(asyncio.Protocol):
 
     app: Any
     loop: asyncio.AbstractEventLoop
+    transport: asyncio.Transport
     _tls_connection_id: int | None = None
+    _tls_lost: bool = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -410,12 +454,24 @@ class _TLSScopeMixin(asyncio.Protocol):
         self._tls_connection_id = connection_id
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._tls_lost = True
         try:
             super().connection_lost(exc)
         finally:
             registry = type(self).registry
             if registry is not None and self._tls_connection_id is not None:
                 registry.unregister(self._tls_connection_id)
+
+    def shutdown(self) -> None:
+        """Server shutdown: uvicorn closes idle connections; bound the TLS close to the grace
+        period so an idle peer that never answers close_notify cannot stall the shutdown."""
+        super().shutdown()  # type: ignore[misc]  # defined by the uvicorn base, not asyncio
+        if self._tls_connection_id is not None and self.transport.is_closing():
+            self.loop.call_later(CLOSE_GRACE_SECONDS, self._abort_if_open)
+
+    def _abort_if_open(self) -> None:
+        if not self._tls_lost:
+            self.transport.abort()
 
 
 class TLSH11Protocol(_TLSScopeMixin, H11Protocol):
@@ -516,22 +572,25 @@ def make_server(
     uvicorn_kwargs.setdefault("proxy_headers", False)
     uvicorn_kwargs.setdefault("timeout_graceful_shutdown", 10)
 
-    context = ssl_context
-
-    def ssl_context_factory(_config: uvicorn.Config, _default: Any) -> ssl.SSLContext:
-        assert context is not None  # only installed when a context was given
-        return context
-
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         http=tls_protocol_class(registry),
         ws="none",
-        ssl_context_factory=ssl_context_factory if context is not None else None,
+        ssl_context_factory=None if ssl_context is None else _fixed_context(ssl_context),
         **uvicorn_kwargs,
     )
     return ManagedServer(config)
+
+
+def _fixed_context(
+    context: ssl.SSLContext,
+) -> Callable[[uvicorn.Config, Callable[[], ssl.SSLContext]], ssl.SSLContext]:
+    def factory(_config: uvicorn.Config, _default: Callable[[], ssl.SSLContext]) -> ssl.SSLContext:
+        return context
+
+    return factory
 
 
 _HANDLED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)

@@ -14,7 +14,7 @@ certifies (:class:`~fleettrust.errors.PolicyError` ``key_not_allowed`` otherwise
 
 Everything else is refused with a message naming what was found: short RSA keys or other
 exponents, DSA, every other curve (secp192r1, secp256k1, P-521, brainpool, …), X25519/X448
-(key agreement only), Ed448, DH.
+(key agreement only), Ed448, finite-field DH and anything else.
 
 :func:`public_key_fingerprint` is the hex SHA-256 of the DER SubjectPublicKeyInfo (the key
 identity stored by the registry).
@@ -32,7 +32,6 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import (
-    dh,
     dsa,
     ec,
     ed448,
@@ -154,8 +153,6 @@ def check_key_allowed(public_key: PublicKeyTypes) -> None:
         )
     if isinstance(public_key, ed448.Ed448PublicKey):
         raise _refuse(f"Ed448 keys are not allowed ({_ALLOWED_TEXT})")
-    if isinstance(public_key, dh.DHPublicKey):
-        raise _refuse(f"Diffie-Hellman keys are not allowed ({_ALLOWED_TEXT})")
     raise _refuse(f"key type {type(public_key).__name__} is not allowed ({_ALLOWED_TEXT})")
 
 

@@ -130,8 +130,6 @@ def decode_device_binding(der: bytes) -> DeviceBinding:
         batch_id = str(value["batchId"])
         manifest = bytes(value["manifestHash"])
     except (PyAsn1Error, ValueError, TypeError, IndexError, KeyError) as exc:
-        if isinstance(exc, ValidationError):
-            raise
         raise ValidationError(
             f"device binding is not valid FleetTrustDeviceBinding DER: {exc.__class__.__name__}",
             code="device_binding_invalid",

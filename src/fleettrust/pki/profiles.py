@@ -32,7 +32,8 @@ Profiles:
   (non-critical, the subject is not empty) holding one RFC 4108 ``hardwareModuleName``
   otherName ``{hwType = FLEETTRUST_ARC.2, hwSerialNum = UTF-8 device id}``; CRL DP; AIA
   (OCSP + caIssuers); fleettrust device-binding extension (non-critical).
-* TLS server: like device, with EKU serverAuth and dNSName/iPAddress SANs.
+* TLS server: like device, with EKU serverAuth and dNSName (fully qualified, no wildcards)
+  and iPAddress SANs; CN = the first DNS name (else the first IP address).
 * OCSP responder: EKU OCSPSigning, id-pkix-ocsp-nocheck, keyUsage digitalSignature, at most
   :data:`MAX_OCSP_RESPONDER_VALIDITY_DAYS` days, no revocation pointers.
 
@@ -82,6 +83,7 @@ URL_MAX_CHARS: Final = 2048
 DEVICE_ID_RE: Final = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 _DEVICE_ID: Final = re.compile(DEVICE_ID_RE)
 _DNS_LABEL: Final = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+_DNS_TLD: Final = re.compile(r"[a-z0-9][a-z0-9-]{0,61}[a-z]")
 
 _KU_CA: Final = x509.KeyUsage(
     digital_signature=True,
@@ -170,6 +172,20 @@ def _subject(organization: str, common_name: str) -> x509.Name:
             x509.NameAttribute(NameOID.COMMON_NAME, _check_name_part(common_name, "common name")),
         ]
     )
+
+
+def _distinct_subject(
+    organization: str, common_name: str, issuer_cert: x509.Certificate
+) -> x509.Name:
+    """Subject name, refused if equal to the issuer's (a self-issued certificate would change
+    path-length semantics and confuse path building)."""
+    subject = _subject(organization, common_name)
+    if subject == issuer_cert.subject:
+        raise _fail(
+            f"subject name {subject.rfc4514_string()!r} equals the issuer's name",
+            code="subject_equals_issuer",
+        )
+    return subject
 
 
 def _check_serial(serial: int) -> None:
@@ -425,7 +441,7 @@ def issue_ca_certificate(
     check_key_allowed(subject_public_key)
     builder = _builder(
         issuer_name=issuer_cert.subject,
-        subject_name=_subject(organization, common_name),
+        subject_name=_distinct_subject(organization, common_name, issuer_cert),
         public_key=subject_public_key,
         serial=serial,
         window=_window(now, validity_days, issuer_cert),
@@ -563,9 +579,15 @@ class DeviceProfile:
         # chained builder methods (~18% of issuance time). Everything they would check is
         # checked above; times are passed as naive UTC exactly as those methods store them.
         # tests/pki/test_profiles.py asserts the TBSCertificate equals the chained-API one.
+        subject = x509.Name([self._org, x509.NameAttribute(NameOID.COMMON_NAME, device_id)])
+        if subject == self._issuer_name:
+            raise _fail(
+                f"device id {device_id!r} would make the subject equal the issuer's name",
+                code="subject_equals_issuer",
+            )
         builder = x509.CertificateBuilder(
             issuer_name=self._issuer_name,
-            subject_name=x509.Name([self._org, x509.NameAttribute(NameOID.COMMON_NAME, device_id)]),
+            subject_name=subject,
             public_key=public_key,
             serial_number=serial,
             not_valid_before=not_before.replace(tzinfo=None),
@@ -584,11 +606,18 @@ def _check_dns_name(name: str) -> str:
     lowered = name.lower()
     if not 1 <= len(lowered) <= 253:
         raise _fail(f"DNS name {name!r} must be 1..253 characters")
+    # Fully qualified names only, no wildcards: RFC 5280 dNSName has no wildcard syntax, and
+    # pkilint's PKIX profile flags "*.example", single-label names and numeric TLDs.
     labels = lowered.split(".")
-    if labels[0] == "*" and len(labels) > 2:
-        labels = labels[1:]
-    if not all(_DNS_LABEL.fullmatch(label) for label in labels):
-        raise _fail(f"DNS name {name!r} is not a valid host name (LDH labels, optional leading *.)")
+    if (
+        len(labels) < 2
+        or not all(_DNS_LABEL.fullmatch(label) for label in labels)
+        or not _DNS_TLD.fullmatch(labels[-1])
+    ):
+        raise _fail(
+            f"DNS name {name!r} is not a fully qualified host name "
+            "(LDH labels, a top-level label ending in a letter, no wildcards)"
+        )
     return lowered
 
 
@@ -627,7 +656,7 @@ def issue_server_certificate(
     common_name = names[0] if names else str(ips[0])
     builder = _builder(
         issuer_name=issuer_cert.subject,
-        subject_name=_subject(organization, common_name),
+        subject_name=_distinct_subject(organization, common_name, issuer_cert),
         public_key=subject_public_key,
         serial=serial,
         window=_window(now, validity_days, issuer_cert),
@@ -671,7 +700,7 @@ def issue_ocsp_responder_certificate(
     check_key_allowed(subject_public_key)
     builder = _builder(
         issuer_name=issuer_cert.subject,
-        subject_name=_subject(organization, common_name),
+        subject_name=_distinct_subject(organization, common_name, issuer_cert),
         public_key=subject_public_key,
         serial=serial,
         window=_window(now, validity_days, issuer_cert),

@@ -127,6 +127,47 @@ class Device(Base):
     owner: Mapped[str | None] = mapped_column(String(200), index=True)
     created_at: Mapped[dt.datetime]
     last_seen_at: Mapped[dt.datetime | None]
+    # device channel state (written at check-in)
+    status_reason: Mapped[str | None] = mapped_column(String(200), default=None)
+    last_remote_addr: Mapped[str | None] = mapped_column(String(64), default=None)
+    last_session: Mapped[str | None] = mapped_column(String(64), default=None)
+    firmware_version: Mapped[str | None] = mapped_column(String(64), default=None)
+    boot_counter: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    agent_generation: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    uptime_s: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    health: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    checkin_count: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class StatusChange(Base):
+    """Monotonic log of device / certificate status changes that enforcement must act on.
+
+    Every server process polls ``id > last_seen`` and closes connections of affected devices,
+    so a change made through one process is enforced by all of them.
+    """
+
+    __tablename__ = "status_changes"
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    device_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    serial_hex: Mapped[str | None] = mapped_column(String(48))
+    status: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[dt.datetime]
+
+
+class ServerCredential(Base):
+    """TLS server certificates fleettrust issues to itself (the device gateway)."""
+
+    __tablename__ = "server_credentials"
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32), index=True)
+    key_id: Mapped[str] = mapped_column(String(200))
+    certificate_der: Mapped[bytes] = mapped_column(LargeBinary)
+    names: Mapped[dict[str, Any]]
+    not_after: Mapped[dt.datetime]
+    created_at: Mapped[dt.datetime]
 
 
 class Certificate(Base):

@@ -1,0 +1,286 @@
+"""The device gateway application (its own listener, mutual TLS; see docs/device-protocol.md).
+
+Before any handler runs, :func:`device_identity` maps the TLS-verified client certificate (or a
+shared-secret session token) to a device and refuses unknown, revoked, on-hold, suspended,
+quarantined (except check-in) and decommissioned devices, each with its own problem code, and
+logs the refusal. The identity is cached per TLS connection and re-validated against the
+database at most ``FRESHNESS_S`` later; a background task follows ``status_changes`` and closes
+every open connection (event streams included) of a device whose status changed, in every
+server process. TLS handshake refusals (unknown CA, expired certificate) are logged from the
+TLS alert the server sends.
+
+Not here: the TLS server itself (``api.tls``) or any business rule (``services.gateway``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.concurrency import run_in_threadpool
+
+from fleettrust import __version__
+from fleettrust.api.problems import BodyLimitMiddleware, install_error_handlers
+from fleettrust.api.tls import ConnectionRegistry, tls_info
+from fleettrust.errors import AuthenticationError, FleetTrustError
+from fleettrust.services import gateway as svc
+from fleettrust.services import shared_secret
+from fleettrust.services.context import ServiceContext
+
+log = logging.getLogger("fleettrust.gateway")
+FRESHNESS_S = 1.0
+WATCH_INTERVAL_S = 0.2
+CA_REFRESH_S = 10.0
+MAX_BODY = 64 * 1024
+_ALERTS = {40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
+           44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
+           48: "unknown_ca", 49: "access_denied", 51: "decrypt_error",
+           116: "certificate_required"}
+
+
+@dataclass
+class _CacheEntry:
+    ident: svc.DeviceIdentity
+    checked: float
+
+
+class GatewayState:
+    """Per-process state of the gateway: open connections and cached identities."""
+
+    def __init__(self, ctx: ServiceContext, registry: ConnectionRegistry,
+                 ssl_context: ssl.SSLContext | None) -> None:
+        self.ctx = ctx
+        self.registry = registry
+        self.ssl_context = ssl_context
+        self.cache: dict[int, _CacheEntry] = {}
+        self.by_device: dict[str, set[int]] = {}
+        self.known_cas: set[str] = set()
+        self.session_id_prefix = f"{os.getpid()}-"
+        self.closed_total = 0
+
+    def evict_device(self, device_id: str) -> int:
+        for cid in self.by_device.pop(device_id, set()):
+            self.cache.pop(cid, None)
+        n = self.registry.close(device_id)
+        self.closed_total += n
+        return n
+
+
+def install_handshake_logging(context: ssl.SSLContext) -> None:
+    """Log the reason of every TLS alert the gateway sends (a refused client certificate).
+
+    Python's asyncio drops handshake errors silently; OpenSSL's message callback still sees the
+    alert the server sends, which names the reason (unknown_ca, certificate_expired, ...).
+    """
+
+    def callback(conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any,
+                 data: bytes) -> None:
+        if direction == "write" and int(content_type) == 21 and len(data) >= 2 and data[0] == 2:
+            reason = _ALERTS.get(data[1], f"alert {data[1]}")
+            log.warning("gateway refused TLS client in handshake: %s", reason)
+
+    context._msg_callback = callback  # type: ignore[attr-defined]  # documented debug hook
+
+
+def _state(request: Request) -> GatewayState:
+    st: GatewayState = request.app.state.gateway
+    return st
+
+
+def _remote(request: Request) -> str | None:
+    return request.client.host if request.client else None
+
+
+async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceIdentity:
+    st = _state(request)
+    info = tls_info(request.scope)
+    peer = info["peer_cert_der"] if info else None
+    try:
+        if peer is None:
+            auth = request.headers.get("authorization", "")
+            scheme, _, token = auth.partition(" ")
+            if scheme.lower() == "bearer" and token:
+                ident = await run_in_threadpool(svc.identify_session, st.ctx, token.strip())
+            else:
+                raise AuthenticationError(
+                    "a client certificate issued by the fleet is required",
+                    code="client_certificate_required")
+        else:
+            assert info is not None
+            cid = info["connection_id"]
+            entry = st.cache.get(cid)
+            now = time.monotonic()
+            if entry is None:
+                ident = await run_in_threadpool(svc.identify_certificate, st.ctx, peer)
+                st.cache[cid] = _CacheEntry(ident, now)
+                st.by_device.setdefault(ident.device_id, set()).add(cid)
+                st.registry.bind(cid, ident.device_id)
+            elif now - entry.checked > FRESHNESS_S:
+                ident = await run_in_threadpool(svc.refresh_status, st.ctx, entry.ident)
+                st.cache[cid] = _CacheEntry(ident, now)
+            else:
+                ident = entry.ident
+        svc.check_allowed(ident, allow_quarantine=allow_quarantine)
+        return ident
+    except FleetTrustError as exc:
+        log.warning("gateway refused %s %s from %s: %s (%s)", request.method,
+                    request.url.path, _remote(request), exc.code, exc.message)
+        raise
+
+
+async def device_any(request: Request) -> svc.DeviceIdentity:
+    return await _identify(request, allow_quarantine=True)
+
+
+async def device_active(request: Request) -> svc.DeviceIdentity:
+    return await _identify(request, allow_quarantine=False)
+
+
+CheckinDevice = Annotated[svc.DeviceIdentity, Depends(device_any)]
+ActiveDevice = Annotated[svc.DeviceIdentity, Depends(device_active)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class HealthIn(_Strict):
+    status: str = Field("ok", max_length=32)
+    metrics: dict[str, float] = Field(default_factory=dict, max_length=32)
+
+
+class CheckinIn(_Strict):
+    firmware_version: str = Field(min_length=1, max_length=64)
+    boot_counter: int = Field(ge=0, le=2**53)
+    uptime_s: int = Field(ge=0, le=2**53)
+    agent_generation: int | None = Field(None, ge=0, le=2**53)
+    manifest: dict[str, Any]
+    manifest_signature: str | None = Field(None, max_length=2048)
+    health: HealthIn = Field(default_factory=HealthIn)
+
+
+class RenewIn(_Strict):
+    csr: str = Field(max_length=16384)
+    old_key_proof: str = Field(max_length=2048)
+
+
+class ChallengeIn(_Strict):
+    device_id: str = Field(max_length=64)
+
+
+class AuthIn(_Strict):
+    device_id: str = Field(max_length=64)
+    nonce: str = Field(max_length=64)
+    mac: str = Field(max_length=64)
+
+
+def create_gateway_app(ctx: ServiceContext, registry: ConnectionRegistry,
+                       ssl_context: ssl.SSLContext | None = None) -> FastAPI:
+    state = GatewayState(ctx, registry, ssl_context)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_watch(state))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    app = FastAPI(title="fleettrust device gateway", version=__version__, lifespan=lifespan)
+    app.state.gateway = state
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, default_limit=MAX_BODY)
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/device/checkin")
+    async def checkin(body: CheckinIn, request: Request, ident: CheckinDevice) -> dict[str, Any]:
+        info = tls_info(request.scope)
+        session = (f"{state.session_id_prefix}{info['connection_id']}" if info else
+                   "secret-session")
+        report = svc.CheckinReport(
+            firmware_version=body.firmware_version, boot_counter=body.boot_counter,
+            uptime_s=body.uptime_s, agent_generation=body.agent_generation,
+            manifest=body.manifest, manifest_signature=body.manifest_signature,
+            health=body.health.model_dump(),
+        )
+        try:
+            return await run_in_threadpool(svc.checkin, ctx, ident, report,
+                                           remote_addr=_remote(request), session_id=session)
+        except FleetTrustError as exc:
+            log.warning("gateway refused check-in of %s: %s (%s)", ident.device_id, exc.code,
+                        exc.message)
+            raise
+
+    @app.post("/v1/device/renew")
+    async def renew(body: RenewIn, request: Request, ident: ActiveDevice) -> dict[str, Any]:
+        return await run_in_threadpool(svc.renew, ctx, ident, body.csr, body.old_key_proof,
+                                       remote_addr=_remote(request))
+
+    @app.get("/v1/device/events")
+    async def events(request: Request, ident: ActiveDevice) -> StreamingResponse:
+        async def stream() -> AsyncIterator[bytes]:
+            yield f"event: hello\ndata: {{\"device_id\": \"{ident.device_id}\"}}\n\n".encode()
+            while True:
+                await asyncio.sleep(15)
+                if await request.is_disconnected():
+                    return
+                yield b"event: ping\ndata: {}\n\n"
+
+        return StreamingResponse(stream(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    @app.post("/v1/device/challenge")
+    def challenge(body: ChallengeIn) -> dict[str, str]:
+        return {"device_id": body.device_id,
+                "nonce": shared_secret.issue_challenge(ctx, body.device_id)}
+
+    @app.post("/v1/device/auth")
+    def auth(body: AuthIn, request: Request) -> dict[str, str]:
+        tok = shared_secret.answer_challenge(ctx, body.device_id, body.nonce, body.mac,
+                                             _remote(request))
+        return {"device_id": tok.device_id, "token": tok.token,
+                "expires_at": tok.expires_at.isoformat()}
+
+    return app
+
+
+async def _watch(state: GatewayState) -> None:
+    """Follow ``status_changes`` (all processes write it) and drop affected connections;
+    add newly created CAs to the client-verification store."""
+    last = await run_in_threadpool(svc.latest_status_change, state.ctx)
+    next_ca = 0.0
+    while True:
+        try:
+            changes = await run_in_threadpool(svc.status_changes_since, state.ctx, last)
+            for change_id, device_id, status in changes:
+                last = change_id
+                if device_id is not None and status != "active":
+                    n = state.evict_device(device_id)
+                    log.info("device %s is %s: closed %d connection(s)", device_id, status, n)
+            for cid in [c for c in state.cache if c not in state.registry]:
+                entry = state.cache.pop(cid)
+                state.by_device.get(entry.ident.device_id, set()).discard(cid)
+            if state.ssl_context is not None and time.monotonic() >= next_ca:
+                next_ca = time.monotonic() + CA_REFRESH_S
+                for p in await run_in_threadpool(svc.active_ca_pems, state.ctx):
+                    if p not in state.known_cas:
+                        state.ssl_context.load_verify_locations(cadata=p)
+                        state.known_cas.add(p)
+        except Exception:
+            log.exception("gateway status watcher failed; retrying")
+        await asyncio.sleep(WATCH_INTERVAL_S)
