@@ -51,7 +51,7 @@ class Settings:
     port: int = DEFAULT_PORT
     gateway_host: str = DEFAULT_HOST
     gateway_port: int = DEFAULT_GATEWAY_PORT
-    gateway_dns_names: tuple[str, ...] = ("localhost",)
+    gateway_dns_names: tuple[str, ...] = ()
     gateway_ips: tuple[str, ...] = ("127.0.0.1",)
     max_body_bytes: int = 1 << 20
     max_bulk_body_bytes: int = 64 << 20
@@ -104,7 +104,7 @@ class Settings:
         p = port or int(_env("PORT") or DEFAULT_PORT)
         base = public_base_url or _env("PUBLIC_BASE_URL") or f"http://{h}:{p}"
         gw_port = int(_env("GATEWAY_PORT") or DEFAULT_GATEWAY_PORT)
-        gw_dns = tuple(n for n in (_env("GATEWAY_DNS_NAMES") or "localhost").split(",") if n)
+        gw_dns = tuple(n for n in (_env("GATEWAY_DNS_NAMES") or "").split(",") if n)
         gw_ips = tuple(n for n in (_env("GATEWAY_IPS") or "127.0.0.1").split(",") if n)
         ks = _env("KEY_STORE") or "file"
         pk: Pkcs11Settings | None = None

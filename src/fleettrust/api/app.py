@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from fleettrust import __version__
-from fleettrust.api.problems import BodyLimitMiddleware, install_error_handlers
+from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
 from fleettrust.api.routes import public, router
 from fleettrust.services.context import ServiceContext
 
@@ -28,9 +28,11 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     bulk_limit = ctx.settings.max_bulk_body_bytes
 
     def limit_for(path: str) -> int | None:
-        return bulk_limit if path.endswith("/devices/bulk") or path.endswith(
-            "/devices/register") else None
+        """Bulk issuance and registration may carry many CSRs; everything else is small."""
+        return bulk_limit if path.endswith(("/devices/bulk", "/devices/register")) else None
 
+    # Added last = runs first: the size limit applies before anything reads the body.
+    app.add_middleware(JsonBodyMiddleware, prefix="/v1/")
     app.add_middleware(BodyLimitMiddleware, default_limit=ctx.settings.max_body_bytes,
                        limit_for=limit_for)
     return app

@@ -40,7 +40,7 @@ from fleettrust.services.context import ServiceContext
 log = logging.getLogger("fleettrust.gateway")
 FRESHNESS_S = 1.0
 WATCH_INTERVAL_S = 0.2
-CA_REFRESH_S = 10.0
+CA_REFRESH_S = 2.0
 MAX_BODY = 64 * 1024
 _ALERTS = {40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
            44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from fleettrust.api.deps import CtxDep, PrincipalDep, remote_addr
 from fleettrust.api.schemas import (
+    PRINTABLE_PATTERN,
     BatchIn,
     BulkIn,
     ChallengeIn,
@@ -20,6 +21,8 @@ from fleettrust.api.schemas import (
     FleetCsrIn,
     FleetImportIn,
     GenerateIn,
+    IdPath,
+    IdQuery,
     RegisterIn,
     ResponseIn,
     TokenIn,
@@ -50,7 +53,7 @@ def healthz() -> dict[str, str]:
 
 
 @public.get("/ca/{ca_id}.der", tags=["pki"], response_class=Response)
-def ca_der(ca_id: str, ctx: CtxDep) -> Response:
+def ca_der(ca_id: IdPath, ctx: CtxDep) -> Response:
     return Response(registry.ca_certificate(ctx, ca_id), media_type="application/pkix-cert",
                     headers={"Cache-Control": "public, max-age=3600"})
 
@@ -94,18 +97,18 @@ def list_factories(ctx: CtxDep, who: PrincipalDep) -> list[dict[str, Any]]:
 
 
 @router.get("/factories/{factory_id}", tags=["factories"])
-def get_factory(factory_id: str, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
+def get_factory(factory_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
     return registry.get_factory(ctx, who, factory_id)
 
 
 @router.post("/factories/{factory_id}/ca-csr", tags=["factories"])
-def factory_ca_csr(factory_id: str, body: CsrIn, ctx: CtxDep,
+def factory_ca_csr(factory_id: IdPath, body: CsrIn, ctx: CtxDep,
                    who: PrincipalDep) -> dict[str, Any]:
     return {"chain_pem": hierarchy.sign_factory_csr(ctx, who, factory_id, body.csr_pem)}
 
 
 @router.post("/factories/{factory_id}/batches", tags=["batches"], status_code=201)
-def create_batch(factory_id: str, body: BatchIn, ctx: CtxDep,
+def create_batch(factory_id: IdPath, body: BatchIn, ctx: CtxDep,
                  who: PrincipalDep) -> dict[str, Any]:
     created = hierarchy.create_batch(
         ctx, who, factory_id, name=body.name, product_model=body.product_model,
@@ -119,12 +122,12 @@ def create_batch(factory_id: str, body: BatchIn, ctx: CtxDep,
 
 
 @router.get("/factories/{factory_id}/batches", tags=["batches"])
-def list_batches(factory_id: str, ctx: CtxDep, who: PrincipalDep) -> list[dict[str, Any]]:
+def list_batches(factory_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> list[dict[str, Any]]:
     return registry.list_batches(ctx, who, factory_id)
 
 
 @router.get("/batches/{batch_id}", tags=["batches"])
-def get_batch(batch_id: str, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
+def get_batch(batch_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
     return registry.get_batch(ctx, who, batch_id)
 
 
@@ -137,18 +140,18 @@ def _req(d: DeviceIn) -> issuance.IssueRequest:
 
 
 @router.post("/batches/{batch_id}/devices", tags=["issuance"], status_code=201)
-def issue_device(batch_id: str, body: DeviceIn, ctx: CtxDep,
+def issue_device(batch_id: IdPath, body: DeviceIn, ctx: CtxDep,
                  who: PrincipalDep) -> dict[str, Any]:
     return _issue_view(issuance.issue_devices(ctx, who, batch_id, [_req(body)]))
 
 
 @router.post("/batches/{batch_id}/devices/bulk", tags=["issuance"], status_code=201)
-def issue_bulk(batch_id: str, body: BulkIn, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
+def issue_bulk(batch_id: IdPath, body: BulkIn, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
     return _issue_view(issuance.issue_devices(ctx, who, batch_id, [_req(d) for d in body.items]))
 
 
 @router.post("/batches/{batch_id}/devices/generate", tags=["issuance"], status_code=201)
-def issue_generated(batch_id: str, body: GenerateIn, ctx: CtxDep,
+def issue_generated(batch_id: IdPath, body: GenerateIn, ctx: CtxDep,
                     who: PrincipalDep) -> dict[str, Any]:
     gen = issuance.issue_with_server_key(
         ctx, who, batch_id, manifest=body.manifest, passphrase=body.passphrase,
@@ -164,7 +167,7 @@ def issue_generated(batch_id: str, body: GenerateIn, ctx: CtxDep,
 
 
 @router.post("/batches/{batch_id}/devices/register", tags=["issuance"], status_code=201)
-def register_shared_secret(batch_id: str, body: RegisterIn, ctx: CtxDep,
+def register_shared_secret(batch_id: IdPath, body: RegisterIn, ctx: CtxDep,
                            who: PrincipalDep) -> dict[str, Any]:
     ids = shared_secret.register_devices(
         ctx, who, batch_id, [i.model_dump(exclude_none=True) for i in body.items])
@@ -177,20 +180,20 @@ def register_shared_secret(batch_id: str, body: RegisterIn, ctx: CtxDep,
 @router.get("/devices", tags=["devices"])
 def list_devices(
     ctx: CtxDep, who: PrincipalDep,
-    batch_id: Annotated[str | None, Query(max_length=40)] = None,
+    batch_id: IdQuery = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    after: Annotated[str | None, Query(max_length=64)] = None,
+    after: IdQuery = None,
 ) -> list[dict[str, Any]]:
     return registry.list_devices(ctx, who, batch_id=batch_id, limit=limit, after=after)
 
 
 @router.get("/devices/{device_id}", tags=["devices"])
-def get_device(device_id: str, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
+def get_device(device_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> dict[str, Any]:
     return registry.get_device(ctx, who, device_id)
 
 
 @router.post("/devices/{device_id}/claim-code", tags=["claims"], status_code=201)
-def create_claim_code(device_id: str, body: ClaimCodeIn, ctx: CtxDep,
+def create_claim_code(device_id: IdPath, body: ClaimCodeIn, ctx: CtxDep,
                       who: PrincipalDep) -> dict[str, Any]:
     issued = claims.create_claim_code(ctx, who, device_id, body.ttl_days)
     return {"device_id": issued.device_id, "code": issued.code, "claim_uri": issued.claim_uri,
@@ -198,7 +201,7 @@ def create_claim_code(device_id: str, body: ClaimCodeIn, ctx: CtxDep,
 
 
 @router.delete("/devices/{device_id}/claim-code", tags=["claims"])
-def revoke_claim_code(device_id: str, ctx: CtxDep, who: PrincipalDep) -> dict[str, int]:
+def revoke_claim_code(device_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> dict[str, int]:
     return {"revoked": claims.revoke_claim_codes(ctx, who, device_id)}
 
 
@@ -236,7 +239,8 @@ def findings(ctx: CtxDep, who: PrincipalDep,
 
 @router.get("/audit", tags=["audit"])
 def audit_events(ctx: CtxDep, who: PrincipalDep,
-                 target_id: Annotated[str | None, Query(max_length=200)] = None,
+                 target_id: Annotated[
+                     str | None, Query(max_length=200, pattern=PRINTABLE_PATTERN)] = None,
                  after_id: Annotated[int, Query(ge=0)] = 0,
                  limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> list[dict[str, Any]]:
     return registry.list_audit(ctx, who, target_id=target_id, after_id=after_id, limit=limit)
@@ -254,6 +258,6 @@ def tokens(ctx: CtxDep, who: PrincipalDep) -> list[dict[str, Any]]:
 
 
 @router.delete("/tokens/{token_id}", tags=["tokens"])
-def revoke_token(token_id: str, ctx: CtxDep, who: PrincipalDep) -> dict[str, str]:
-    registry.revoke_token(ctx, who, token_id)
-    return {"id": token_id, "status": "revoked"}
+def revoke_token(token_id: IdPath, ctx: CtxDep, who: PrincipalDep) -> dict[str, str]:
+    newly = registry.revoke_token(ctx, who, token_id)
+    return {"id": token_id, "status": "revoked" if newly else "already_revoked"}

@@ -14,7 +14,7 @@ import hmac
 import re
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
 from sqlalchemy.orm import Session
 
 from fleettrust.errors import AuthenticationError, AuthorizationError, ValidationError
@@ -43,7 +43,9 @@ class Principal:
         return f"{self.role}:{self.subject}"
 
 
-SYSTEM = Principal(token_id="-", role="system", subject="fleettrust")
+#: ``token_id`` of principals that presented no API token (system, devices); not a secret.
+NO_TOKEN = "-"  # noqa: S105
+SYSTEM = Principal(token_id=NO_TOKEN, role="system", subject="fleettrust")
 
 
 def hash_secret(secret: str) -> str:
@@ -116,12 +118,11 @@ def authenticate(
     )
 
 
-def count_admins(session: Session) -> int:
-    return int(
-        session.scalar(
-            select(func.count()).select_from(ApiToken).where(
-                ApiToken.role == "admin", ApiToken.revoked_at.is_(None)
-            )
-        )
-        or 0
+def count_admins(session: Session, now: dt.datetime | None = None) -> int:
+    """Usable admin tokens: not revoked and, when ``now`` is given, not expired."""
+    q = select(func.count()).select_from(ApiToken).where(
+        ApiToken.role == "admin", ApiToken.revoked_at.is_(None)
     )
+    if now is not None:
+        q = q.where(or_(ApiToken.expires_at.is_(None), ApiToken.expires_at > now))
+    return int(session.scalar(q) or 0)

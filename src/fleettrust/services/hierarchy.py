@@ -9,6 +9,7 @@ whose CA key lives in its own PKCS#11 token submits a CSR instead (:func:`sign_f
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import re
 import secrets
@@ -19,12 +20,15 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleettrust import pki
 from fleettrust.errors import (
     AuthorizationError,
-    ConflictError, NotFoundError,
+    ConflictError,
+    KeyStoreError,
+    NotFoundError,
     PolicyError,
     ValidationError,
 )
@@ -101,10 +105,29 @@ def urls(ctx: ServiceContext, ca_id: str) -> dict[str, str]:
     }
 
 
+def crl_shard_urls(ctx: ServiceContext, ca_id: str) -> list[str]:
+    """The CRL distribution point of every shard of ``ca_id``'s CRL, indexed by shard number.
+
+    A certificate with serial ``s`` is listed on shard ``s % len(result)``.
+    """
+    base = ctx.settings.base_url
+    return [f"{base}/crl/{ca_id}/{shard}.crl" for shard in range(ctx.settings.crl_shards)]
+
+
 def crl_url(ctx: ServiceContext, ca_id: str, serial: int) -> str:
     """CRL distribution point of one certificate: its issuer's shard chosen by serial."""
     shard = serial % ctx.settings.crl_shards
     return f"{ctx.settings.base_url}/crl/{ca_id}/{shard}.crl"
+
+
+def _discard_key(ctx: ServiceContext, key_id: str | None) -> None:
+    """Step back after a failed operation: destroy the key it created (no orphan keys).
+
+    A failure to delete is swallowed so the operation's own error is the one reported.
+    """
+    if key_id is not None:
+        with contextlib.suppress(KeyStoreError):
+            ctx.key_store.delete(key_id)
 
 
 def _store_cert(
@@ -137,7 +160,25 @@ def _store_cert(
 
 
 def _ski(cert: x509.Certificate) -> str:
-    return cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest.hex()
+    try:
+        ext = cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier)
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(cert.public_key()).digest.hex()
+    return ext.value.digest.hex()
+
+
+def _basic_constraints(cert: x509.Certificate) -> x509.BasicConstraints | None:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _key_certified(session: Session, public_key: Any) -> bool:
+    fp = pki.public_key_fingerprint(public_key)
+    return session.scalars(
+        select(Certificate.serial_hex).where(Certificate.public_key_sha256 == fp).limit(1)
+    ).first() is not None
 
 
 # --- fleet CA ceremony -------------------------------------------------------------------------
@@ -148,6 +189,19 @@ def create_fleet_csr(ctx: ServiceContext, principal: Principal, common_name: str
     require(principal, "admin")
     _check_name(common_name, "common name")
     now = ctx.clock.now()
+    created_keys: list[str] = []
+    try:
+        return _create_fleet_csr(ctx, principal, common_name, now, created_keys)
+    except BaseException:
+        for key_id in created_keys:  # step back: no orphan key for a CA row that was not stored
+            _discard_key(ctx, key_id)
+        raise
+
+
+def _create_fleet_csr(
+    ctx: ServiceContext, principal: Principal, common_name: str, now: dt.datetime,
+    created_keys: list[str],
+) -> str:
     with ctx.transaction() as session:
         if _active_ca(session, "fleet") is not None:
             raise ConflictError("an active fleet CA already exists", code="fleet_ca_exists")
@@ -158,6 +212,7 @@ def create_fleet_csr(ctx: ServiceContext, principal: Principal, common_name: str
         ).first()
         if pending is None:
             signer = ctx.key_store.generate("fleet-ca")
+            created_keys.append(signer.key_id)
             pending = CertificateAuthority(
                 id=new_id("ca"),
                 kind="fleet",
@@ -207,9 +262,13 @@ def import_fleet_certificate(
             raise ValidationError(
                 "certificate is not for the pending fleet CA key", code="key_mismatch"
             )
-        if root.subject != root.issuer:
-            raise ValidationError("the root certificate is not self-signed", code="not_root")
+        # The root: self-issued, self-signed and a CA (the public part is all the server gets).
+        root_bc = _basic_constraints(root)
+        if root.subject != root.issuer or root_bc is None or not root_bc.ca:
+            raise ValidationError("the root certificate is not a self-signed CA",
+                                  code="not_root")
         try:
+            root.verify_directly_issued_by(root)
             cert.verify_directly_issued_by(root)
         except (ValueError, TypeError, InvalidSignature) as exc:
             raise ValidationError(
@@ -217,9 +276,15 @@ def import_fleet_certificate(
             ) from exc
         if not (cert.not_valid_before_utc <= now < cert.not_valid_after_utc):
             raise ValidationError("the fleet CA certificate is not valid now", code="cert_expired")
-        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
-        if not bc.ca:
+        bc = _basic_constraints(cert)
+        if bc is None or not bc.ca:
             raise ValidationError("fleet certificate is not a CA", code="not_ca")
+        if bc.path_length is not None and bc.path_length < 1:
+            raise ValidationError(
+                "the fleet CA certificate has pathLenConstraint 0: it could not certify factory"
+                " CAs (sign it with path length 1, or 2 for batch CAs)",
+                code="path_length_too_small",
+            )
         root_ca = session.scalars(
             select(CertificateAuthority).where(
                 CertificateAuthority.kind == "root",
@@ -312,6 +377,22 @@ def _activate_ca(ca: CertificateAuthority, cert: x509.Certificate) -> None:
     ca.not_after = cert.not_valid_after_utc
 
 
+FACTORY_CA_SUFFIX = " Issuing CA"
+BATCH_CA_SUFFIX = " Batch CA"
+_CN_MAX = 64  # ub-common-name (RFC 5280)
+
+
+def _ca_common_name(name: str, suffix: str, what: str) -> str:
+    cn = f"{name}{suffix}"
+    if len(cn) > _CN_MAX:
+        raise ValidationError(
+            f"{what} {name!r} is too long for its CA's common name: at most"
+            f" {_CN_MAX - len(suffix)} characters",
+            code="bad_name",
+        )
+    return cn
+
+
 def create_factory(
     ctx: ServiceContext,
     principal: Principal,
@@ -320,23 +401,33 @@ def create_factory(
     batch_cas: bool = False,
     key_location: str = "platform",
 ) -> FactoryCreated:
-    """Create a factory, its issuing CA (unless the factory keeps the key) and its credential."""
+    """Create a factory, its issuing CA (unless the factory keeps the key) and its credential.
+
+    The factory CA has pathLen 0, or 1 when ``batch_cas`` lets batches have their own CA (which
+    the platform signs, so it needs the factory CA key in the platform key store).
+    """
     require(principal, "admin")
     _check_name(name, "factory name")
+    ca_name = _ca_common_name(name, FACTORY_CA_SUFFIX, "factory name")
     if key_location not in ("platform", "external"):
         raise ValidationError("key_location must be 'platform' or 'external'")
+    if batch_cas and key_location != "platform":
+        # pathLen 1 on a CA whose key we do not hold would let the factory mint sub-CAs nobody
+        # here knows about; batch CAs are signed by the platform anyway.
+        raise PolicyError("batch CAs need the factory CA key in the platform key store",
+                          code="factory_key_external")
     now = ctx.clock.now()
     created_key: str | None = None
     try:
         with ctx.transaction() as session:
             parent = fleet_ca(session)
-            if session.scalars(select(Factory).where(Factory.name == name)).first():
+            if session.scalars(select(Factory.id).where(Factory.name == name)).first():
                 raise ConflictError(f"a factory named {name!r} exists", code="factory_exists")
             factory_id = new_id("fac")
             ca = CertificateAuthority(
                 id=new_id("ca"),
                 kind="factory",
-                name=f"{name} Issuing CA",
+                name=ca_name,
                 parent_id=parent.id,
                 factory_id=factory_id,
                 key_location=key_location,
@@ -345,6 +436,7 @@ def create_factory(
                 path_length=1 if batch_cas else 0,
                 created_at=now,
             )
+            cert: x509.Certificate | None = None
             if key_location == "platform":
                 signer = ctx.key_store.generate(f"factory-{factory_id}")
                 created_key = signer.key_id
@@ -356,7 +448,7 @@ def create_factory(
                 _activate_ca(ca, cert)
             session.add(ca)
             session.flush()
-            if ca.status == "active":
+            if cert is not None:
                 _store_cert(session, cert, issuer_ca_id=parent.id, kind="ca", now=now,
                             subject_ca_id=ca.id)
             factory = Factory(
@@ -365,12 +457,12 @@ def create_factory(
                 ca_id=ca.id,
                 batch_cas=batch_cas,
                 key_location=key_location,
-                status="active" if ca.status == "active" else "pending_ca",
+                status="active" if cert is not None else "pending_ca",
                 created_at=now,
             )
             session.add(factory)
             _, token = create_token(
-                session, role="factory", subject=f"factory {name}", now=now,
+                session, role="factory", subject=f"factory {factory_id}", now=now,
                 factory_id=factory_id,
             )
             session.flush()
@@ -380,35 +472,46 @@ def create_factory(
                 ca_serial=ca.serial_hex,
             )
             return FactoryCreated(factory=factory, ca=ca, token=token)
+    except IntegrityError as exc:  # a concurrent request took the name after our check
+        _discard_key(ctx, created_key)
+        raise ConflictError(f"a factory named {name!r} exists", code="factory_exists") from exc
     except BaseException:
-        if created_key is not None:  # step back: no orphan key for a factory that does not exist
-            ctx.key_store.delete(created_key)
+        _discard_key(ctx, created_key)  # step back: no orphan key for a factory that is not
         raise
 
 
 def sign_factory_csr(
     ctx: ServiceContext, principal: Principal, factory_id: str, csr_pem: str
 ) -> list[str]:
-    """Sign the CA CSR of a factory that keeps its CA key in its own token; return the chain."""
+    """Sign the CA CSR of a factory that keeps its CA key in its own token; return the chain.
+
+    The chain is PEM, the new factory CA first, the root last. The CSR's subject and requested
+    extensions are ignored: the certificate is built from the factory's record.
+    """
     require(principal, "admin", "factory")
     check_factory_scope(principal, factory_id)
     now = ctx.clock.now()
     csr = pki.load_csr(csr_pem)
-    pki.check_key_allowed(csr.public_key())
+    public_key = csr.public_key()
+    pki.check_key_allowed(public_key)
     with ctx.transaction() as session:
         factory = session.get(Factory, factory_id)
         if factory is None:
             raise NotFoundError(f"factory {factory_id} not found")
         ca = session.get(CertificateAuthority, factory.ca_id)
-        assert ca is not None
+        if ca is None:
+            raise NotFoundError(f"CA of factory {factory_id} not found")
         if factory.key_location != "external":
             raise ConflictError("this factory's CA key is in the platform key store",
                                 code="not_external")
         if ca.status != "pending":
             raise ConflictError("the factory CA already has a certificate", code="ca_exists")
+        if _key_certified(session, public_key):
+            raise PolicyError("this public key is already certified; a new CA needs a new key",
+                              code="key_reused")
         parent = fleet_ca(session)
         cert = _issue_sub_ca(
-            ctx, session, parent, csr.public_key(),
+            ctx, session, parent, public_key,
             common_name=ca.name, path_length=ca.path_length or 0, now=now,
         )
         _activate_ca(ca, cert)
@@ -418,7 +521,7 @@ def sign_factory_csr(
         audit.record(
             session, principal, "factory.ca_signed", "factory", factory_id, now,
             ca_id=ca.id, serial=ca.serial_hex,
-            key_fingerprint=pki.public_key_fingerprint(csr.public_key()),
+            key_fingerprint=pki.public_key_fingerprint(public_key),
         )
         return [pem(c) for c in ca_chain(session, ca.id)]
 
@@ -464,6 +567,7 @@ def create_batch(
         raise ValidationError("auth_method must be 'certificate' or 'shared_secret'")
     if own_ca and auth_method != "certificate":
         raise ValidationError("a shared-secret batch has no certificates, so no CA of its own")
+    bca_name = _ca_common_name(name, BATCH_CA_SUFFIX, "batch name") if own_ca else None
     now = ctx.clock.now()
     created_key: str | None = None
     try:
@@ -475,15 +579,16 @@ def create_batch(
                 raise ConflictError(f"factory {factory_id} is {factory.status}",
                                     code="factory_not_active")
             if session.scalars(
-                select(Batch).where(Batch.factory_id == factory_id, Batch.name == name)
+                select(Batch.id).where(Batch.factory_id == factory_id, Batch.name == name)
             ).first():
                 raise ConflictError(f"factory already has a batch named {name!r}",
                                     code="batch_exists")
             factory_ca = session.get(CertificateAuthority, factory.ca_id)
-            assert factory_ca is not None
+            if factory_ca is None:
+                raise NotFoundError(f"CA of factory {factory_id} not found")
             batch_id = new_id("bat")
             ca_id = factory_ca.id
-            if own_ca:
+            if bca_name is not None:
                 if not factory.batch_cas:
                     raise PolicyError(
                         "this factory's CA has pathLen 0: create the factory with batch CAs"
@@ -495,7 +600,7 @@ def create_batch(
                 signer = ctx.key_store.generate(f"batch-{batch_id}")
                 created_key = signer.key_id
                 bca = CertificateAuthority(
-                    id=new_id("ca"), kind="batch", name=f"{name} Batch CA",
+                    id=new_id("ca"), kind="batch", name=bca_name,
                     parent_id=factory_ca.id, factory_id=factory_id, batch_id=batch_id,
                     key_location="platform", key_id=signer.key_id, status="pending",
                     path_length=0, created_at=now,
@@ -530,7 +635,10 @@ def create_batch(
                 auth_method=auth_method,
             )
             return BatchCreated(batch=batch, group_secret=group_secret)
+    except IntegrityError as exc:  # a concurrent request took the name after our check
+        _discard_key(ctx, created_key)
+        raise ConflictError(f"factory already has a batch named {name!r}",
+                            code="batch_exists") from exc
     except BaseException:
-        if created_key is not None:
-            ctx.key_store.delete(created_key)
+        _discard_key(ctx, created_key)  # step back: no orphan key for a batch that is not
         raise

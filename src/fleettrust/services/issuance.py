@@ -1,15 +1,24 @@
 """Device issuance at manufacturing time: single, bulk and server-side key generation.
 
-One request is one transaction: every item is validated first (CSR signature, key policy,
-manifest, device id, duplicates inside the request and against the database); if any item fails
-nothing is written and every failing line is reported. Only then is batch capacity reserved with
-one conditional UPDATE (so two server processes cannot overfill a batch), certificates signed and
-devices, certificates, hardware identifiers, findings and audit events inserted in bulk.
+One request is one transaction, all or nothing:
+
+1. Authorise and look at the batch (scope, state, room left) before spending CPU on the request.
+2. Validate every item without touching the database: CSR parsing and self-signature, key
+   policy, manifest, device id, station; duplicates inside the request. Every failing line is
+   collected, not just the first.
+3. In the write transaction: the batch again (it may have changed), conflicts with stored data
+   (device ids given by the caller, public keys already certified). Any error: nothing is
+   written and :class:`BulkRejectedError` lists every failing line with its code.
+4. Reserve capacity with one conditional UPDATE, so two server processes cannot overfill a
+   batch; only then sign.
+5. Record hardware identifiers another device already claims as findings (issuance goes on).
+6. Insert devices, certificates, hardware identifiers, findings and one audit event per device
+   in bulk (COPY on PostgreSQL, executemany on SQLite) and commit.
 
 Serial numbers are 159-bit CSPRNG values and ``certificates.serial_hex`` is the primary key, so
 the database refuses a reused serial even across processes.
 
-Not here: who the factory is (``auth``), X.509 layout (``pki.profiles``), clone scoring beyond
+Not here: who the caller is (``auth``), the X.509 layout (``pki.profiles``), clone scoring beyond
 recording conflicting hardware identifiers (the identity issue builds on the findings).
 """
 
@@ -17,29 +26,35 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import hashlib
 import json
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final, cast
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
-from sqlalchemy import insert, select, tuple_, update
+from sqlalchemy import JSON, Connection, Table, select, update
+from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
 from fleettrust import pki
 from fleettrust.errors import (
+    ConflictError,
     FleetTrustError,
     NotFoundError,
     PolicyError,
     ValidationError,
 )
 from fleettrust.ids import new_device_id, new_id
+from fleettrust.pki.csr import CSR_MAX_BYTES
 from fleettrust.services.auth import Principal, require
 from fleettrust.services.context import ServiceContext
-from fleettrust.services.hierarchy import ca_chain, check_factory_scope, crl_url, pem, urls
+from fleettrust.services.hierarchy import ca_chain, check_factory_scope, crl_shard_urls, pem, urls
 from fleettrust.storage.models import (
     AuditEvent,
     Batch,
@@ -50,6 +65,9 @@ from fleettrust.storage.models import (
     Finding,
     HardwareIdentifier,
 )
+
+KEY_ORIGINS: Final = frozenset({"device", "server"})
+_QUERY_CHUNK: Final = 500  # bound parameters per IN (...) query
 
 
 @dataclass(frozen=True)
@@ -62,13 +80,14 @@ class IssueRequest:
     station: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class _Prepared:
     line: int
     device_id: str
-    public_key: Any
+    id_given: bool  # chosen by the caller (so it may collide with a stored device)
+    public_key: CertificatePublicKeyTypes
     key_fp: str
-    manifest: dict[str, Any]
+    manifest_json: str  # canonical JSON of the normalised manifest (pki.canonical_json)
     manifest_sha256: bytes
     identifiers: list[tuple[str, str]]
     station: str | None
@@ -91,43 +110,92 @@ class IssueResult:
 
 
 class BulkRejectedError(ValidationError):
+    """A bulk request had failing lines; ``details["errors"]`` lists each (line, code, message)."""
+
     code = "bulk_rejected"
 
 
-def _line_error(line: int, exc: FleetTrustError) -> dict[str, Any]:
-    return {"line": line, "code": exc.code, "message": exc.message}
+_LineError = tuple[int, FleetTrustError]
 
 
-def _prepare(line: int, item: IssueRequest, max_csr_bytes: int) -> _Prepared:
+# --- step 2: validation without the database ----------------------------------------------------
+
+
+def _prepare(line: int, item: IssueRequest) -> _Prepared:
     if not isinstance(item.manifest, dict):
         raise ValidationError("manifest must be a JSON object", code="manifest_malformed")
-    csr = pki.load_csr(item.csr, max_bytes=max_csr_bytes)
+    csr = pki.load_csr(item.csr, max_bytes=CSR_MAX_BYTES)  # parses and verifies the signature
     public_key = csr.public_key()
     pki.check_key_allowed(public_key)
     manifest = pki.normalize_manifest(item.manifest)
-    device_id = item.device_id if item.device_id is not None else new_device_id()
-    pki.check_device_id(device_id)
+    canonical = pki.canonical_json(manifest)
+    if item.device_id is None:
+        device_id, given = new_device_id(), False
+    else:
+        device_id, given = pki.check_device_id(item.device_id), True
     station = item.station
-    if station is not None and (not station or len(station) > 100 or not station.isprintable()):
+    if station is not None and (
+        not isinstance(station, str) or not station or len(station) > 100
+        or not station.isprintable()
+    ):
         raise ValidationError("station must be 1-100 printable characters", code="bad_station")
     return _Prepared(
         line=line,
         device_id=device_id,
+        id_given=given,
         public_key=public_key,
         key_fp=pki.public_key_fingerprint(public_key),
-        manifest=json.loads(pki.canonical_json(manifest)),
-        manifest_sha256=pki.manifest_hash(manifest),
-        identifiers=list(pki.identifiers(manifest)),
+        manifest_json=canonical.decode("utf-8"),
+        # == pki.manifest_hash(manifest), without serialising the manifest a second time
+        manifest_sha256=hashlib.sha256(canonical).digest(),
+        identifiers=pki.identifiers(manifest),
         station=station,
     )
 
 
-def _chunks(seq: list[Any], size: int) -> list[list[Any]]:
+def _prepare_all(items: Sequence[IssueRequest]) -> tuple[list[_Prepared], list[_LineError]]:
+    prepared: list[_Prepared] = []
+    errors: list[_LineError] = []
+    for line, item in enumerate(items, start=1):
+        try:
+            prepared.append(_prepare(line, item))
+        except FleetTrustError as exc:
+            errors.append((line, exc))
+    seen_ids: dict[str, int] = {}
+    seen_keys: dict[str, int] = {}
+    for p in prepared:
+        first = seen_ids.setdefault(p.device_id, p.line)
+        if first != p.line:
+            errors.append((p.line, ValidationError(
+                f"device id {p.device_id} repeats line {first}", code="duplicate_device_id")))
+        first = seen_keys.setdefault(p.key_fp, p.line)
+        if first != p.line:
+            errors.append((p.line, PolicyError(
+                f"public key repeats line {first}", code="key_reused")))
+    return prepared, errors
+
+
+def _reject(errors: list[_LineError], n_items: int) -> None:
+    """Raise: the original error for a single-item request, BulkRejectedError otherwise."""
+    errors.sort(key=lambda e: e[0])
+    if n_items == 1:
+        raise errors[0][1]
+    listed = [{"line": line, "code": exc.code, "message": exc.message} for line, exc in errors]
+    raise BulkRejectedError(
+        f"{len({line for line, _ in errors})} of {n_items} lines rejected; nothing was issued",
+        errors=listed,
+    )
+
+
+def _chunks(seq: Sequence[Any], size: int = _QUERY_CHUNK) -> list[Sequence[Any]]:
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
+# --- the batch -------------------------------------------------------------------------------
+
+
 def _issuing_context(
-    ctx: ServiceContext, session: Session, principal: Principal, batch_id: str
+    session: Session, principal: Principal, batch_id: str
 ) -> tuple[Batch, Factory, CertificateAuthority]:
     batch = session.get(Batch, batch_id)
     if batch is None:
@@ -135,7 +203,8 @@ def _issuing_context(
     check_factory_scope(principal, batch.factory_id)
     factory = session.get(Factory, batch.factory_id)
     ca = session.get(CertificateAuthority, batch.ca_id)
-    assert factory is not None and ca is not None
+    if factory is None or ca is None:  # foreign keys make this impossible
+        raise NotFoundError(f"batch {batch_id} has no factory or CA", code="batch_not_found")
     if factory.status != "active":
         raise PolicyError(f"factory {factory.id} is {factory.status}", code="factory_not_active")
     if batch.status != "active":
@@ -156,9 +225,20 @@ def _issuing_context(
     return batch, factory, ca
 
 
+def _batch_full(batch: Batch, n: int) -> PolicyError:
+    return PolicyError(
+        f"batch {batch.id} is full: {batch.issued_count} of {batch.planned_size} issued,"
+        f" {n} requested",
+        code="batch_full",
+    )
+
+
 def _profile(ctx: ServiceContext, ca: CertificateAuthority) -> pki.DeviceProfile:
+    """The per-process device profile of an issuing CA (immutable once the CA is active)."""
+
     def build() -> pki.DeviceProfile:
-        assert ca.key_id is not None and ca.certificate_der is not None
+        if ca.key_id is None or ca.certificate_der is None:
+            raise PolicyError(f"issuing CA {ca.id} cannot sign", code="ca_not_active")
         u = urls(ctx, ca.id)
         return pki.DeviceProfile(
             ctx.signer(ca.key_id),
@@ -172,167 +252,36 @@ def _profile(ctx: ServiceContext, ca: CertificateAuthority) -> pki.DeviceProfile
     return profile
 
 
-def issue_devices(
-    ctx: ServiceContext,
-    principal: Principal,
-    batch_id: str,
-    items: list[IssueRequest],
-    *,
-    key_origin: str = "device",
-) -> IssueResult:
-    """Issue one certificate per item into ``batch_id``, all or nothing."""
-    require(principal, "admin", "factory")
-    if not items:
-        raise ValidationError("no devices in the request", code="empty_request")
-    if len(items) > ctx.settings.max_bulk_items:
-        raise ValidationError(
-            f"at most {ctx.settings.max_bulk_items} devices per request, got {len(items)}",
-            code="too_many_items",
+def _chain_pems(ctx: ServiceContext, session: Session, ca_id: str) -> list[str]:
+    """PEMs from the issuing CA up to the root (CA certificates never change once active)."""
+    chain: list[str] = ctx.cached(
+        "chain-pem", ca_id, lambda: [pem(c) for c in ca_chain(session, ca_id)]
+    )
+    return chain
+
+
+# --- step 3: conflicts with stored data -------------------------------------------------------
+
+
+def _database_conflicts(session: Session, prepared: list[_Prepared]) -> list[_LineError]:
+    errors: list[_LineError] = []
+    given = {p.device_id: p for p in prepared if p.id_given}
+    # Generated ids carry 104 random bits; the primary key still refuses a (never seen) clash.
+    for chunk in _chunks(list(given)):
+        for existing in session.scalars(select(Device.id).where(Device.id.in_(chunk))):
+            errors.append((given[existing].line, ConflictError(
+                f"device {existing} is already registered", code="device_exists")))
+    by_key = {p.key_fp: p for p in prepared}
+    for chunk in _chunks(list(by_key)):
+        rows = session.execute(
+            select(Certificate.public_key_sha256, Certificate.device_id, Certificate.kind)
+            .where(Certificate.public_key_sha256.in_(chunk))
         )
-    now = ctx.clock.now()
-    # Step 1: validate every line before touching the database; collect all errors.
-    prepared: list[_Prepared] = []
-    errors: list[dict[str, Any]] = []
-    for line, item in enumerate(items, start=1):
-        try:
-            prepared.append(_prepare(line, item, 16384))
-        except FleetTrustError as exc:
-            errors.append(_line_error(line, exc))
-    seen_ids: dict[str, int] = {}
-    seen_keys: dict[str, int] = {}
-    for p in prepared:
-        if p.device_id in seen_ids:
-            errors.append({"line": p.line, "code": "duplicate_device_id",
-                           "message": f"device id {p.device_id} repeats line {seen_ids[p.device_id]}"})
-        seen_ids.setdefault(p.device_id, p.line)
-        if p.key_fp in seen_keys:
-            errors.append({"line": p.line, "code": "key_reused",
-                           "message": f"public key repeats line {seen_keys[p.key_fp]}"})
-        seen_keys.setdefault(p.key_fp, p.line)
-
-    with ctx.transaction() as session:
-        batch, factory, ca = _issuing_context(ctx, session, principal, batch_id)
-        # Step 2: conflicts with what the database already holds.
-        by_id = {p.device_id: p for p in prepared}
-        by_key = {p.key_fp: p for p in prepared}
-        for chunk in _chunks(list(by_id), 500):
-            for existing in session.scalars(select(Device.id).where(Device.id.in_(chunk))):
-                errors.append({"line": by_id[existing].line, "code": "device_exists",
-                               "message": f"device {existing} is already registered"})
-        for chunk in _chunks(list(by_key), 500):
-            rows = session.execute(
-                select(Certificate.public_key_sha256, Certificate.device_id).where(
-                    Certificate.public_key_sha256.in_(chunk)
-                )
-            )
-            for fp, other in rows:
-                errors.append({"line": by_key[fp].line, "code": "key_reused",
-                               "message": f"this public key is already certified (device {other})"})
-        if errors:
-            errors.sort(key=lambda e: e["line"])
-            if len(items) == 1:
-                raise ValidationError(errors[0]["message"], code=errors[0]["code"], errors=errors)
-            raise BulkRejectedError(
-                f"{len(errors)} of {len(items)} lines rejected; nothing was issued",
-                errors=errors,
-            )
-        # Step 3: reserve capacity atomically (two processes cannot overfill the batch).
-        n = len(prepared)
-        reserved = session.execute(
-            update(Batch)
-            .where(Batch.id == batch.id, Batch.issued_count + n <= Batch.planned_size)
-            .values(issued_count=Batch.issued_count + n)
-        ).rowcount
-        if reserved != 1:
-            session.refresh(batch)
-            raise PolicyError(
-                f"batch {batch.id} is full: {batch.issued_count} of {batch.planned_size} issued,"
-                f" {n} requested",
-                code="batch_full",
-            )
-        # Step 4: sign. Serials are fresh CSPRNG values; the primary key refuses any reuse.
-        profile = _profile(ctx, ca)
-        validity = ctx.settings.device_validity_days
-        issued: list[tuple[_Prepared, x509.Certificate, str]] = []
-        for p in prepared:
-            serial = pki.new_serial()
-            cert = profile.issue(
-                p.public_key,
-                device_id=p.device_id,
-                serial=serial,
-                now=now,
-                validity_days=validity,
-                batch_id=batch.id,
-                manifest_sha256=p.manifest_sha256,
-                crl_url=crl_url(ctx, ca.id, serial),
-            )
-            issued.append((p, cert, format(serial, "x")))
-        # Step 5: hardware identifiers already claimed by another device become findings.
-        findings = _hardware_conflicts(session, prepared, now)
-        # Step 6: persist everything in bulk.
-        weak = key_origin != "device"
-        session.execute(insert(Device), [
-            {"id": p.device_id, "batch_id": batch.id, "factory_id": factory.id,
-             "status": "active", "auth_method": "certificate", "key_origin": key_origin,
-             "weak_identity": weak, "manifest": p.manifest,
-             "manifest_sha256": p.manifest_sha256.hex(), "station": p.station,
-             "owner": None, "created_at": now, "last_seen_at": None}
-            for p, _, _ in issued
-        ])
-        ders = []
-        cert_rows = []
-        for p, cert, serial_hex in issued:
-            der = cert.public_bytes(serialization.Encoding.DER)
-            ders.append(der)
-            cert_rows.append({
-                "serial_hex": serial_hex, "ca_id": ca.id, "kind": "device",
-                "device_id": p.device_id, "subject_ca_id": None, "der": der,
-                "public_key_sha256": p.key_fp, "not_before": cert.not_valid_before_utc,
-                "not_after": cert.not_valid_after_utc, "status": "good", "revoked_at": None,
-                "revocation_reason": None, "created_at": now,
-            })
-        session.execute(insert(Certificate), cert_rows)
-        hw_rows = [
-            {"device_id": p.device_id, "kind": k, "value": v, "created_at": now}
-            for p in prepared for k, v in p.identifiers
-        ]
-        if hw_rows:
-            session.execute(insert(HardwareIdentifier), hw_rows)
-        if findings:
-            session.execute(insert(Finding), [f for fs in findings.values() for f in fs])
-        audit_rows = [
-            {"occurred_at": now, "actor": principal.actor, "actor_role": principal.role,
-             "action": "device.manufactured", "target_type": "device",
-             "target_id": p.device_id, "remote_addr": principal.remote_addr,
-             "details": {"batch_id": batch.id, "factory_id": factory.id, "ca_id": ca.id,
-                         "serial": serial_hex, "station": p.station, "key_origin": key_origin,
-                         "manifest_sha256": p.manifest_sha256.hex(),
-                         "not_after": cert.not_valid_after_utc.isoformat(),
-                         "findings": [f["id"] for f in findings.get(p.device_id, [])]}}
-            for p, cert, serial_hex in issued
-        ]
-        session.execute(insert(AuditEvent), audit_rows)
-        chain = ca_chain(session, ca.id)
-        return IssueResult(
-            batch_id=batch.id,
-            devices=[
-                IssuedDevice(
-                    device_id=p.device_id,
-                    serial_hex=serial_hex,
-                    certificate_pem=_der_to_pem(der),
-                    findings=[f["id"] for f in findings.get(p.device_id, [])],
-                )
-                for (p, _, serial_hex), der in zip(issued, ders, strict=True)
-            ],
-            chain_pem=[pem(c) for c in chain[:-1]],
-            root_pem=pem(chain[-1]),
-        )
-
-
-def _der_to_pem(der: bytes) -> str:
-    b64 = base64.encodebytes(der).decode().replace("\n", "")
-    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+        for fp, other, kind in rows:
+            holder = f"device {other}" if other else f"a {kind} certificate"
+            errors.append((by_key[fp].line, PolicyError(
+                f"this public key is already certified ({holder})", code="key_reused")))
+    return errors
 
 
 def _hardware_conflicts(
@@ -340,26 +289,30 @@ def _hardware_conflicts(
 ) -> dict[str, list[dict[str, Any]]]:
     """Hardware identifiers that another device (stored or in this request) already claims."""
     claims: dict[tuple[str, str], list[str]] = defaultdict(list)
+    by_kind: dict[str, set[str]] = defaultdict(set)
     for p in prepared:
-        for ident in p.identifiers:
-            claims[ident].append(p.device_id)
-    keys = list(claims)
-    for chunk in _chunks(keys, 400):
-        rows = session.execute(
-            select(HardwareIdentifier.kind, HardwareIdentifier.value, HardwareIdentifier.device_id)
-            .where(tuple_(HardwareIdentifier.kind, HardwareIdentifier.value).in_(chunk))
-        )
-        for kind, value, other in rows:
-            claims[(kind, value)].insert(0, other)
+        for kind, value in p.identifiers:
+            claims[(kind, value)].append(p.device_id)
+            by_kind[kind].add(value)
+    stored: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for kind, values in by_kind.items():  # (kind = ? AND value IN (...)) uses ix_hwid_kind_value
+        for chunk in _chunks(sorted(values)):
+            rows = session.execute(
+                select(HardwareIdentifier.value, HardwareIdentifier.device_id).where(
+                    HardwareIdentifier.kind == kind, HardwareIdentifier.value.in_(chunk)
+                )
+            )
+            for value, other in rows:
+                stored[(kind, value)].append(other)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    new_ids = {p.device_id for p in prepared}
-    for (kind, value), devices in claims.items():
-        unique = list(dict.fromkeys(devices))
+    for ident, new_devices in claims.items():
+        if len(new_devices) < 2 and ident not in stored:
+            continue
+        unique = list(dict.fromkeys([*stored.get(ident, ()), *new_devices]))
         if len(unique) < 2:
             continue
-        for dev in unique:
-            if dev not in new_ids:
-                continue
+        kind, value = ident
+        for dev in dict.fromkeys(new_devices):
             out[dev].append({
                 "id": new_id("fnd"), "kind": "hardware_id_conflict", "severity": "high",
                 "reason_code": "CONFLICTING_HARDWARE_ID", "device_id": dev,
@@ -370,11 +323,247 @@ def _hardware_conflicts(
     return dict(out)
 
 
+# --- step 6: bulk writes -------------------------------------------------------------------------
+
+
+class _BulkWriter:
+    """Bulk INSERTs inside the session's transaction, without per-row ORM or Core overhead.
+
+    PostgreSQL (psycopg): ``COPY ... FROM STDIN``. SQLite: the driver's ``executemany`` with one
+    compiled INSERT. Other dialects: SQLAlchemy Core executemany. Rows are tuples in database
+    form: JSON columns as JSON text, datetimes passed through :meth:`ts`, which applies the
+    column type's own bind processing (once per distinct value).
+    """
+
+    def __init__(self, session: Session) -> None:
+        self._conn: Connection = session.connection()
+        self._dialect = self._conn.dialect
+        self._mode = (
+            "copy" if self._dialect.name == "postgresql" and self._dialect.driver == "psycopg"
+            else "sqlite" if self._dialect.name == "sqlite"
+            else "core"
+        )
+        ts_type = Certificate.__table__.c.created_at.type
+        self._ts_proc = ts_type.bind_processor(self._dialect) if self._mode == "sqlite" else None
+        self._ts_cache: dict[dt.datetime, Any] = {}
+
+    def ts(self, value: dt.datetime | None) -> Any:
+        if value is None or self._ts_proc is None:
+            return value
+        out = self._ts_cache.get(value)
+        if out is None:
+            out = self._ts_cache[value] = self._ts_proc(value)
+        return out
+
+    def insert(self, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+        if not rows:
+            return
+        quote = self._dialect.identifier_preparer.quote
+        target = f"{quote(table.name)} ({', '.join(quote(c) for c in columns)})"
+        if self._mode == "copy":
+            raw = self._conn.connection.driver_connection
+            assert raw is not None
+            with raw.cursor() as cur, cur.copy(f"COPY {target} FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row(row)
+        elif self._mode == "sqlite":
+            raw = self._conn.connection.driver_connection
+            assert raw is not None
+            cur = raw.cursor()
+            try:
+                cur.executemany(
+                    f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})", rows
+                )
+            finally:
+                cur.close()
+        else:
+            json_cols = {c for c in columns if isinstance(table.c[c].type, JSON)}
+            self._conn.execute(table.insert(), [
+                {c: json.loads(v) if c in json_cols else v for c, v in zip(columns, row,
+                                                                            strict=True)}
+                for row in rows
+            ])
+
+
+def _json(value: dict[str, Any]) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+_DEVICE_COLS: Final = ("id", "batch_id", "factory_id", "status", "auth_method", "key_origin",
+                       "weak_identity", "manifest", "manifest_sha256", "station", "owner",
+                       "created_at", "last_seen_at")
+_CERT_COLS: Final = ("serial_hex", "ca_id", "kind", "device_id", "subject_ca_id", "der",
+                     "public_key_sha256", "not_before", "not_after", "status", "revoked_at",
+                     "revocation_reason", "created_at")
+_HWID_COLS: Final = ("device_id", "kind", "value", "created_at")
+_FINDING_COLS: Final = ("id", "kind", "severity", "reason_code", "device_id", "evidence",
+                        "status", "created_at")
+_AUDIT_COLS: Final = ("occurred_at", "actor", "actor_role", "action", "target_type",
+                      "target_id", "remote_addr", "details")
+
+
+# --- the service --------------------------------------------------------------------------------
+
+
+def issue_devices(
+    ctx: ServiceContext,
+    principal: Principal,
+    batch_id: str,
+    items: Sequence[IssueRequest],
+    *,
+    key_origin: str = "device",
+) -> IssueResult:
+    """Issue one certificate per item into ``batch_id``, all or nothing."""
+    require(principal, "admin", "factory")
+    if key_origin not in KEY_ORIGINS:
+        raise ValueError(f"key_origin must be one of {sorted(KEY_ORIGINS)}")
+    if not items:
+        raise ValidationError("no devices in the request", code="empty_request")
+    n_items = len(items)
+    if n_items > ctx.settings.max_bulk_items:
+        raise ValidationError(
+            f"at most {ctx.settings.max_bulk_items} devices per request, got {n_items}",
+            code="too_many_items",
+        )
+    # Step 1: may this caller issue into this batch at all, and is there room? (fail fast,
+    # before any CPU is spent on the request; re-checked in the write transaction)
+    with ctx.transaction() as session:
+        batch, _, _ = _issuing_context(session, principal, batch_id)
+        if batch.issued_count + n_items > batch.planned_size:
+            raise _batch_full(batch, n_items)
+    # Step 2: validate every line without the database; collect all errors.
+    prepared, errors = _prepare_all(items)
+    if errors:
+        _reject(errors, n_items)
+
+    now = ctx.clock.now()
+    with ctx.transaction() as session:
+        batch, factory, ca = _issuing_context(session, principal, batch_id)
+        # Step 3: conflicts with what the database already holds.
+        errors = _database_conflicts(session, prepared)
+        if errors:
+            _reject(errors, n_items)
+        # Step 4: reserve capacity atomically (two processes cannot overfill the batch).
+        result = session.execute(
+            update(Batch)
+            .where(Batch.id == batch.id, Batch.issued_count + n_items <= Batch.planned_size)
+            .values(issued_count=Batch.issued_count + n_items)
+        )
+        if cast(CursorResult[Any], result).rowcount != 1:
+            session.refresh(batch)
+            raise _batch_full(batch, n_items)
+        # Step 5: sign. Serials are fresh CSPRNG values; the primary key refuses any reuse.
+        profile = _profile(ctx, ca)
+        validity = ctx.settings.device_validity_days
+        shard_urls = crl_shard_urls(ctx, ca.id)
+        shards = len(shard_urls)
+        b_id = batch.id
+        signed: list[tuple[_Prepared, x509.Certificate, str]] = []
+        for p in prepared:
+            serial = pki.new_serial()
+            cert = profile.issue(
+                p.public_key,
+                device_id=p.device_id,
+                serial=serial,
+                now=now,
+                validity_days=validity,
+                batch_id=b_id,
+                manifest_sha256=p.manifest_sha256,
+                crl_url=shard_urls[serial % shards],
+            )
+            signed.append((p, cert, format(serial, "x")))
+        # Step 6: hardware identifiers already claimed by another device become findings.
+        findings = _hardware_conflicts(session, prepared, now)
+        # Step 7: persist everything in bulk, in this transaction.
+        w = _BulkWriter(session)
+        ts_now = w.ts(now)
+        weak = key_origin != "device"
+        actor, role, addr = principal.actor, principal.role, principal.remote_addr
+        detail_base = {"batch_id": b_id, "factory_id": factory.id, "ca_id": ca.id,
+                       "key_origin": key_origin}
+        device_rows: list[tuple[Any, ...]] = []
+        cert_rows: list[tuple[Any, ...]] = []
+        hw_rows: list[tuple[Any, ...]] = []
+        audit_rows: list[tuple[Any, ...]] = []
+        issued: list[IssuedDevice] = []
+        for p, cert, serial_hex in signed:
+            not_after = cert.not_valid_after_utc
+            dev_findings = [f["id"] for f in findings.get(p.device_id, ())]
+            manifest_hex = p.manifest_sha256.hex()
+            device_rows.append((
+                p.device_id, b_id, factory.id, "active", "certificate", key_origin, weak,
+                p.manifest_json, manifest_hex, p.station, None, ts_now, None,
+            ))
+            cert_rows.append((
+                serial_hex, ca.id, "device", p.device_id, None,
+                cert.public_bytes(serialization.Encoding.DER), p.key_fp,
+                w.ts(cert.not_valid_before_utc), w.ts(not_after), "good", None, None, ts_now,
+            ))
+            hw_rows.extend((p.device_id, k, v, ts_now) for k, v in p.identifiers)
+            audit_rows.append((
+                ts_now, actor, role, "device.manufactured", "device", p.device_id, addr,
+                _json({**detail_base, "serial": serial_hex, "station": p.station,
+                       "manifest_sha256": manifest_hex, "not_after": not_after.isoformat(),
+                       "findings": dev_findings}),
+            ))
+            issued.append(IssuedDevice(
+                device_id=p.device_id, serial_hex=serial_hex,
+                certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                findings=dev_findings,
+            ))
+        finding_rows = [
+            (f["id"], f["kind"], f["severity"], f["reason_code"], f["device_id"],
+             _json(f["evidence"]), f["status"], ts_now)
+            for fs in findings.values() for f in fs
+        ]
+        integrity_error = _integrity_error(session)
+        try:
+            w.insert(Device.__table__, _DEVICE_COLS, device_rows)
+            w.insert(Certificate.__table__, _CERT_COLS, cert_rows)
+            w.insert(HardwareIdentifier.__table__, _HWID_COLS, hw_rows)
+            w.insert(Finding.__table__, _FINDING_COLS, finding_rows)
+            w.insert(AuditEvent.__table__, _AUDIT_COLS, audit_rows)
+        except integrity_error as exc:
+            # A concurrent request registered the same caller-chosen device id after step 3.
+            raise ConflictError(
+                f"a concurrent request stored a conflicting device or serial; nothing was"
+                f" issued ({type(exc).__name__})",
+                code="concurrent_conflict",
+            ) from exc
+        chain = _chain_pems(ctx, session, ca.id)
+        return IssueResult(batch_id=b_id, devices=issued, chain_pem=chain[:-1],
+                           root_pem=chain[-1])
+
+
+def _integrity_error(session: Session) -> type[Exception]:
+    """The DB-API driver's IntegrityError (the bulk writer talks to the driver directly)."""
+    dbapi = session.get_bind().dialect.loaded_dbapi
+    err = getattr(dbapi, "IntegrityError", None)
+    return err if isinstance(err, type) and issubclass(err, Exception) else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
+
+
+def _der_to_pem(der: bytes) -> str:
+    """PEM text of a DER certificate (used by other services for stored certificates)."""
+    b64 = base64.b64encode(der).decode("ascii")
+    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
+    return "-----BEGIN CERTIFICATE-----\n" + "\n".join(lines) + "\n-----END CERTIFICATE-----\n"
+
+
+# --- server-side key generation ---------------------------------------------------------------
+
+
 @dataclass(frozen=True)
 class GeneratedDevice:
     issued: IssueResult
     key_format: str
     key_bytes: bytes  # encrypted PKCS#8 PEM or PKCS#12; the server keeps no copy
+
+
+MIN_KEY_PASSPHRASE_CHARS: Final = 12
 
 
 def issue_with_server_key(
@@ -390,13 +579,16 @@ def issue_with_server_key(
 ) -> GeneratedDevice:
     """For hardware that cannot make a key: generate one, issue, return it once, encrypted.
 
-    The device is marked ``key_origin=server`` / weak identity in the registry.
+    The device is marked ``key_origin=server`` / weak identity in the registry. The private key
+    exists only in this call's memory and in the returned, passphrase-encrypted blob.
     """
+    require(principal, "admin", "factory")
     if key_format not in ("pkcs8", "pkcs12"):
         raise ValidationError("key_format must be 'pkcs8' or 'pkcs12'", code="bad_key_format")
-    if len(passphrase) < 12:
+    if not isinstance(passphrase, str) or len(passphrase) < MIN_KEY_PASSPHRASE_CHARS:
         raise ValidationError(
-            "a passphrase of at least 12 characters is required to protect the returned key",
+            f"a passphrase of at least {MIN_KEY_PASSPHRASE_CHARS} characters is required to"
+            " protect the returned key",
             code="weak_passphrase",
         )
     key = ec.generate_private_key(ec.SECP256R1())
@@ -407,7 +599,7 @@ def issue_with_server_key(
     )
     result = issue_devices(
         ctx, principal, batch_id,
-        [IssueRequest(csr=csr.public_bytes(serialization.Encoding.PEM), manifest=manifest,
+        [IssueRequest(csr=csr.public_bytes(serialization.Encoding.DER), manifest=manifest,
                       device_id=device_id, station=station)],
         key_origin="server",
     )

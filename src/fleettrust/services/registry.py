@@ -10,9 +10,9 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from fleettrust.errors import NotFoundError, ValidationError
+from fleettrust.errors import ConflictError, NotFoundError, ValidationError
 from fleettrust.services import audit
-from fleettrust.services.auth import Principal, create_token, require
+from fleettrust.services.auth import Principal, count_admins, create_token, require
 from fleettrust.services.context import ServiceContext
 from fleettrust.services.hierarchy import check_factory_scope, load_ca_cert, pem
 from fleettrust.storage.models import (
@@ -72,7 +72,9 @@ def get_factory(ctx: ServiceContext, principal: Principal, factory_id: str) -> d
         return factory_view(f)
 
 
-def list_batches(ctx: ServiceContext, principal: Principal, factory_id: str) -> list[dict[str, Any]]:
+def list_batches(
+    ctx: ServiceContext, principal: Principal, factory_id: str
+) -> list[dict[str, Any]]:
     require(principal, *READERS)
     check_factory_scope(principal, factory_id)
     with ctx.sessions() as s:
@@ -207,16 +209,26 @@ def issue_token(ctx: ServiceContext, principal: Principal, *, role: str, subject
                 "expires_at": row.expires_at.isoformat() if row.expires_at else None}
 
 
-def revoke_token(ctx: ServiceContext, principal: Principal, token_id: str) -> None:
+def revoke_token(ctx: ServiceContext, principal: Principal, token_id: str) -> bool:
+    """Revoke an API token; False if it already was. The last admin token cannot be revoked."""
     require(principal, "admin")
     now = ctx.clock.now()
     with ctx.transaction() as s:
         row = s.get(ApiToken, token_id)
         if row is None:
             raise NotFoundError(f"token {token_id} not found", code="token_not_found")
-        if row.revoked_at is None:
-            row.revoked_at = now
-            audit.record(s, principal, "token.revoke", "token", token_id, now)
+        if row.revoked_at is not None:
+            return False
+        usable = row.expires_at is None or row.expires_at > now
+        if row.role == "admin" and usable and count_admins(s, now) <= 1:
+            raise ConflictError(
+                "refusing to revoke the last admin token: create another admin token first",
+                code="last_admin_token",
+            )
+        row.revoked_at = now
+        audit.record(s, principal, "token.revoke", "token", token_id, now, role=row.role,
+                     subject=row.subject, factory_id=row.factory_id)
+        return True
 
 
 def list_tokens(ctx: ServiceContext, principal: Principal) -> list[dict[str, Any]]:
