@@ -9,9 +9,11 @@ This module does not talk to the server or its database.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,6 +33,7 @@ ROOT_CERT = "root.pem"
 ROOT_KEY = "root.key.pem"
 ROOT_META = "root.json"
 ISSUED_LOG = "issued.jsonl"
+MIN_PASSPHRASE_BYTES = 12
 
 
 @dataclass(frozen=True)
@@ -63,41 +66,69 @@ def init_root(
     pkcs11: object | None = None,
 ) -> RootInfo:
     """Create a new root CA in ``directory`` (which must not already hold one)."""
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if (directory / ROOT_CERT).exists() or (directory / ROOT_META).exists():
-        raise ConflictError(f"{directory} already holds a root CA; refusing to overwrite it",
-                            code="root_exists")
-    signer: Signer
+    if pkcs11 is None and (not passphrase or len(passphrase) < MIN_PASSPHRASE_BYTES):
+        raise ValidationError(
+            f"the root key passphrase must have at least {MIN_PASSPHRASE_BYTES} characters",
+            code="weak_passphrase",
+        )
     if pkcs11 is not None:
-        from fleettrust.signing.pkcs11 import Pkcs11Config, Pkcs11KeyStore
+        from fleettrust.signing.pkcs11 import Pkcs11Config
 
         if not isinstance(pkcs11, Pkcs11Config):
             raise TypeError("pkcs11 must be a Pkcs11Config")
-        signer = Pkcs11KeyStore(pkcs11).generate("root-ca", algorithm)
-        meta = {"key_backend": "pkcs11", "key_id": signer.key_id, "module": pkcs11.module,
-                "token_label": pkcs11.token_label}
-    else:
-        if not passphrase or len(passphrase) < 12:
-            raise ValidationError("the root key passphrase must have at least 12 characters",
-                                  code="weak_passphrase")
-        key = generate_private_key(algorithm)
-        write_encrypted_key(directory / ROOT_KEY, key, passphrase)
-        signer = load_encrypted_key(directory / ROOT_KEY, passphrase)
-        meta = {"key_backend": "file", "key_file": ROOT_KEY}
-    cert = pki.build_root_certificate(
-        signer, common_name=common_name, organization=organization, now=now,
-        validity_days=validity_days,
-    )
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if any((directory / name).exists() for name in (ROOT_CERT, ROOT_META, ROOT_KEY)):
+        raise ConflictError(f"{directory} already holds a root CA; refusing to overwrite it",
+                            code="root_exists")
+    with contextlib.ExitStack() as stack:
+        signer: Signer
+        meta: dict[str, str]
+        if pkcs11 is not None:
+            from fleettrust.signing.pkcs11 import Pkcs11KeyStore
+
+            store = stack.enter_context(Pkcs11KeyStore(pkcs11))
+            signer = store.generate("root-ca", algorithm)
+            meta = {"key_backend": "pkcs11", "key_id": signer.key_id, "module": pkcs11.module,
+                    "token_label": pkcs11.token_label}
+        else:
+            assert passphrase is not None  # checked above
+            key = generate_private_key(algorithm)
+            write_encrypted_key(directory / ROOT_KEY, key, passphrase)
+            signer = load_encrypted_key(directory / ROOT_KEY, passphrase)
+            meta = {"key_backend": "file", "key_file": ROOT_KEY}
+        cert = pki.build_root_certificate(
+            signer, common_name=common_name, organization=organization, now=now,
+            validity_days=validity_days,
+        )
     fp = pki.fingerprint_sha256(cert)
     meta.update({"fingerprint_sha256": fp, "created_at": now.isoformat(),
                  "algorithm": algorithm.value})
     _atomic_write(directory / ROOT_CERT, cert.public_bytes(serialization.Encoding.PEM))
     _atomic_write(directory / ROOT_META, json.dumps(meta, indent=2).encode())
-    return RootInfo(directory, cert, fp, str(meta["key_backend"]))
+    return RootInfo(directory, cert, fp, meta["key_backend"])
 
 
 def load_root(directory: Path, *, passphrase: bytes | None,
               pkcs11_pin: str | None = None) -> tuple[x509.Certificate, Signer]:
+    """The root certificate and a signer for its key (checked to match ``root.pem``).
+
+    For a PKCS#11 root the token session stays open for the rest of the process; use
+    :func:`open_root` to close it when done.
+    """
+    stack = contextlib.ExitStack()
+    return _load_root(directory, passphrase, pkcs11_pin, stack)
+
+
+@contextlib.contextmanager
+def open_root(directory: Path, *, passphrase: bytes | None,
+              pkcs11_pin: str | None = None) -> Iterator[tuple[x509.Certificate, Signer]]:
+    """Like :func:`load_root`, releasing the PKCS#11 token session on exit."""
+    with contextlib.ExitStack() as stack:
+        yield _load_root(directory, passphrase, pkcs11_pin, stack)
+
+
+def _load_root(directory: Path, passphrase: bytes | None, pkcs11_pin: str | None,
+               stack: contextlib.ExitStack) -> tuple[x509.Certificate, Signer]:
     try:
         meta = json.loads((directory / ROOT_META).read_text())
         cert = x509.load_pem_x509_certificate((directory / ROOT_CERT).read_bytes())
@@ -107,15 +138,15 @@ def load_root(directory: Path, *, passphrase: bytes | None,
     except (ValueError, json.JSONDecodeError) as exc:
         raise ValidationError(f"root CA directory {directory} is corrupt: {exc}",
                               code="root_dir_corrupt") from exc
+    signer: Signer
     if meta.get("key_backend") == "pkcs11":
         from fleettrust.signing.pkcs11 import Pkcs11Config, Pkcs11KeyStore
 
         if not pkcs11_pin:
             raise ValidationError("the root key is in a PKCS#11 token: give its PIN",
                                   code="pin_required")
-        store = Pkcs11KeyStore(Pkcs11Config(module=meta["module"],
-                                            token_label=meta["token_label"],
-                                            user_pin=pkcs11_pin))
+        store = stack.enter_context(Pkcs11KeyStore(Pkcs11Config(
+            module=meta["module"], token_label=meta["token_label"], user_pin=pkcs11_pin)))
         signer = store.load(meta["key_id"])
     else:
         if not passphrase:
@@ -140,22 +171,28 @@ def sign_ca_csr(
     pkcs11_pin: str | None = None,
     common_name: str | None = None,
 ) -> x509.Certificate:
-    """Sign an intermediate (fleet) CA CSR with the offline root; log it in issued.jsonl."""
-    root, signer = load_root(directory, passphrase=passphrase, pkcs11_pin=pkcs11_pin)
+    """Sign an intermediate (fleet) CA CSR with the offline root; log it in issued.jsonl.
+
+    The CSR's signature and key type are checked before the root key is even unlocked; only its
+    common name is taken from it (unless ``common_name`` is given).
+    """
     csr = pki.load_csr(csr_pem)
     pki.check_key_allowed(csr.public_key())
     cns = csr.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
     cn = common_name or (str(cns[0].value) if cns else "Fleet CA")
-    org_attrs = root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
-    org = str(org_attrs[0].value) if org_attrs else "fleettrust fleet"
-    cert = pki.issue_ca_certificate(
-        signer, root, csr.public_key(), common_name=cn, organization=org,
-        path_length=path_length, serial=pki.new_serial(), now=now,
-        validity_days=validity_days, crl_url=crl_url, ocsp_url=None, ca_issuers_url=None,
-    )
+    with open_root(directory, passphrase=passphrase, pkcs11_pin=pkcs11_pin) as (root, signer):
+        org_attrs = root.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATION_NAME)
+        org = str(org_attrs[0].value) if org_attrs else "fleettrust fleet"
+        cert = pki.issue_ca_certificate(
+            signer, root, csr.public_key(), common_name=cn, organization=org,
+            path_length=path_length, serial=pki.new_serial(), now=now,
+            validity_days=validity_days, crl_url=crl_url, ocsp_url=None, ca_issuers_url=None,
+        )
     entry = {"serial": format(cert.serial_number, "x"), "subject": cert.subject.rfc4514_string(),
              "not_after": cert.not_valid_after_utc.isoformat(), "signed_at": now.isoformat(),
              "fingerprint_sha256": pki.fingerprint_sha256(cert)}
     with open(directory / ISSUED_LOG, "a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
     return cert

@@ -167,7 +167,9 @@ class FileDeviceKey:
         try:
             data = path.read_bytes()
         except FileNotFoundError as exc:
-            raise KeyStoreError(f"device key file {path} does not exist", code="key_not_found") from exc
+            raise KeyStoreError(
+                f"device key file {path} does not exist", code="key_not_found"
+            ) from exc
         except OSError as exc:
             raise KeyStoreError(
                 f"cannot read device key file {path}: {exc.strerror}", code="key_io_error"

@@ -586,7 +586,10 @@ class StateStore:
         key = self._load_key(state, pkcs11_pin)
         if state.phase == "enrolling":
             return Identity(state=state, directory=self.directory, key=key)
-        assert state.certificate_file and state.chain_file and state.root_file  # schema-checked
+        # schema-checked: enrolled states name all three files
+        assert state.certificate_file is not None
+        assert state.chain_file is not None
+        assert state.root_file is not None
         bundle = _pem_certificates(self.directory / state.certificate_file, "certificate")
         if not bundle:
             raise StateError(f"certificate file {state.certificate_file} is empty",
@@ -641,7 +644,6 @@ class StateStore:
                 return FileDeviceKey.load(path)
             except KeyStoreError as exc:
                 raise StateError(exc.message, code="state_file_invalid") from exc
-        assert ref.key_id and ref.module and ref.token_label
         return load_token_key(ref, pkcs11_pin)
 
     # -- writing
@@ -778,13 +780,14 @@ def load_token_key(ref: KeyRef, pin: str | None) -> TokenDeviceKey:
     """Open the PKCS#11 token named by ``ref`` and return its key (needs the user PIN)."""
     if not pin:
         raise StateError(
-            f"the device key is on PKCS#11 token {ref.token_label!r}: set FLEETTRUST_AGENT_PKCS11_PIN"
-            " (or --pkcs11-pin-file)",
+            f"the device key is on PKCS#11 token {ref.token_label!r}: set "
+            "FLEETTRUST_AGENT_PKCS11_PIN (or --pkcs11-pin-file)",
             code="pkcs11_pin_required",
         )
     from fleettrust.signing.pkcs11 import Pkcs11Config, Pkcs11KeyStore
 
-    assert ref.module and ref.token_label and ref.key_id
+    if not (ref.module and ref.token_label and ref.key_id):
+        raise StateError("incomplete PKCS#11 key reference in state", code="state_schema_invalid")
     try:
         store = Pkcs11KeyStore(Pkcs11Config(module=ref.module, token_label=ref.token_label,
                                             user_pin=pin))

@@ -700,7 +700,11 @@ def device_issue_bulk(
                 rejected += len(part)
                 err.print(f"[red]file lines {part[0][0]}-{part[-1][0]} rejected, none of them "
                           f"issued:[/] {escape(describe(exc))}")
-                for e in exc.errors[:50]:
+                errors = exc.errors
+                if len(part) == 1 and not any(_item_index(e) is not None for e in errors):
+                    # A one-item request is answered with that item's own error.
+                    errors = [{"line": 1, "code": exc.code, "message": exc.detail}]
+                for e in errors[:50]:
                     idx = _item_index(e)
                     where = f"line {part[idx][0]}" if idx is not None and idx < len(part) \
                         else str(e.get("location", "request"))

@@ -38,7 +38,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
-from sqlalchemy import JSON, Connection, Table, select, update
+from sqlalchemy import JSON, Connection, Table, select, text, update
 from sqlalchemy.engine import CursorResult
 from sqlalchemy.orm import Session
 
@@ -57,6 +57,7 @@ from fleettrust.services.context import ServiceContext
 from fleettrust.services.hierarchy import ca_chain, check_factory_scope, crl_shard_urls, pem, urls
 from fleettrust.storage.models import (
     AuditEvent,
+    Base,
     Batch,
     Certificate,
     CertificateAuthority,
@@ -284,6 +285,13 @@ def _database_conflicts(session: Session, prepared: list[_Prepared]) -> list[_Li
     return errors
 
 
+_PG_HWID_LOOKUP: Final = text(
+    "SELECT h.value, h.device_id FROM unnest(CAST(:values AS varchar[])) AS q(value)"
+    " CROSS JOIN LATERAL (SELECT x.value, x.device_id FROM hardware_ids AS x"
+    " WHERE x.kind = :kind AND x.value = q.value OFFSET 0) AS h"  # OFFSET 0: keep it a loop
+)
+
+
 def _hardware_conflicts(
     session: Session, prepared: list[_Prepared], now: dt.datetime
 ) -> dict[str, list[dict[str, Any]]]:
@@ -295,13 +303,22 @@ def _hardware_conflicts(
             claims[(kind, value)].append(p.device_id)
             by_kind[kind].add(value)
     stored: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for kind, values in by_kind.items():  # (kind = ? AND value IN (...)) uses ix_hwid_kind_value
-        for chunk in _chunks(sorted(values)):
-            rows = session.execute(
-                select(HardwareIdentifier.value, HardwareIdentifier.device_id).where(
-                    HardwareIdentifier.kind == kind, HardwareIdentifier.value.in_(chunk)
+    postgres = session.get_bind().dialect.name == "postgresql"
+    for kind, values in by_kind.items():
+        if postgres:
+            # One probe of ix_hwid_kind_value per value whatever the planner's statistics say
+            # (without them it scans every row of the kind and filters it against the list).
+            results = [session.execute(_PG_HWID_LOOKUP, {"kind": kind, "values": sorted(values)})]
+        else:  # SQLite always probes the index for kind = ? AND value IN (...)
+            results = [
+                session.execute(
+                    select(HardwareIdentifier.value, HardwareIdentifier.device_id).where(
+                        HardwareIdentifier.kind == kind, HardwareIdentifier.value.in_(chunk)
+                    )
                 )
-            )
+                for chunk in _chunks(sorted(values))
+            ]
+        for rows in results:
             for value, other in rows:
                 stored[(kind, value)].append(other)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -343,7 +360,9 @@ class _BulkWriter:
             else "sqlite" if self._dialect.name == "sqlite"
             else "core"
         )
-        ts_type = Certificate.__table__.c.created_at.type
+        # The dialect-level processor (UTC conversion + SQLite's text format), exactly what the
+        # ORM applies to these columns.
+        ts_type = Certificate.__table__.c.created_at.type.dialect_impl(self._dialect)
         self._ts_proc = ts_type.bind_processor(self._dialect) if self._mode == "sqlite" else None
         self._ts_cache: dict[dt.datetime, Any] = {}
 
@@ -355,9 +374,11 @@ class _BulkWriter:
             out = self._ts_cache[value] = self._ts_proc(value)
         return out
 
-    def insert(self, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    def insert(self, model: type[Base], columns: Sequence[str],
+               rows: list[tuple[Any, ...]]) -> None:
         if not rows:
             return
+        table = cast(Table, model.__table__)
         quote = self._dialect.identifier_preparer.quote
         target = f"{quote(table.name)} ({', '.join(quote(c) for c in columns)})"
         if self._mode == "copy":
@@ -371,9 +392,9 @@ class _BulkWriter:
             assert raw is not None
             cur = raw.cursor()
             try:
-                cur.executemany(
-                    f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})", rows
-                )
+                # Identifiers come from our own models, quoted by the dialect; values are bound.
+                sql = f"INSERT INTO {target} VALUES ({', '.join('?' * len(columns))})"  # noqa: S608
+                cur.executemany(sql, rows)
             finally:
                 cur.close()
         else:
@@ -479,8 +500,10 @@ def issue_devices(
         ts_now = w.ts(now)
         weak = key_origin != "device"
         actor, role, addr = principal.actor, principal.role, principal.remote_addr
-        detail_base = {"batch_id": b_id, "factory_id": factory.id, "ca_id": ca.id,
-                       "key_origin": key_origin}
+        # Audit details: the constant part serialised once; the rest is hex, ISO dates, ids.
+        detail_head = _json({"batch_id": b_id, "factory_id": factory.id, "ca_id": ca.id,
+                             "key_origin": key_origin})[:-1]
+        station_json: dict[str | None, str] = {}
         device_rows: list[tuple[Any, ...]] = []
         cert_rows: list[tuple[Any, ...]] = []
         hw_rows: list[tuple[Any, ...]] = []
@@ -490,25 +513,28 @@ def issue_devices(
             not_after = cert.not_valid_after_utc
             dev_findings = [f["id"] for f in findings.get(p.device_id, ())]
             manifest_hex = p.manifest_sha256.hex()
+            der = cert.public_bytes(serialization.Encoding.DER)
+            st = station_json.get(p.station)
+            if st is None:
+                st = station_json[p.station] = json.dumps(p.station)
             device_rows.append((
                 p.device_id, b_id, factory.id, "active", "certificate", key_origin, weak,
                 p.manifest_json, manifest_hex, p.station, None, ts_now, None,
             ))
             cert_rows.append((
                 serial_hex, ca.id, "device", p.device_id, None,
-                cert.public_bytes(serialization.Encoding.DER), p.key_fp,
+                der, p.key_fp,
                 w.ts(cert.not_valid_before_utc), w.ts(not_after), "good", None, None, ts_now,
             ))
             hw_rows.extend((p.device_id, k, v, ts_now) for k, v in p.identifiers)
             audit_rows.append((
                 ts_now, actor, role, "device.manufactured", "device", p.device_id, addr,
-                _json({**detail_base, "serial": serial_hex, "station": p.station,
-                       "manifest_sha256": manifest_hex, "not_after": not_after.isoformat(),
-                       "findings": dev_findings}),
+                f'{detail_head},"serial":"{serial_hex}","station":{st},"manifest_sha256":'
+                f'"{manifest_hex}","not_after":"{not_after.isoformat()}","findings":'
+                f'{json.dumps(dev_findings) if dev_findings else "[]"}}}',
             ))
             issued.append(IssuedDevice(
-                device_id=p.device_id, serial_hex=serial_hex,
-                certificate_pem=cert.public_bytes(serialization.Encoding.PEM).decode("ascii"),
+                device_id=p.device_id, serial_hex=serial_hex, certificate_pem=_der_to_pem(der),
                 findings=dev_findings,
             ))
         finding_rows = [
@@ -518,11 +544,11 @@ def issue_devices(
         ]
         integrity_error = _integrity_error(session)
         try:
-            w.insert(Device.__table__, _DEVICE_COLS, device_rows)
-            w.insert(Certificate.__table__, _CERT_COLS, cert_rows)
-            w.insert(HardwareIdentifier.__table__, _HWID_COLS, hw_rows)
-            w.insert(Finding.__table__, _FINDING_COLS, finding_rows)
-            w.insert(AuditEvent.__table__, _AUDIT_COLS, audit_rows)
+            w.insert(Device, _DEVICE_COLS, device_rows)
+            w.insert(Certificate, _CERT_COLS, cert_rows)
+            w.insert(HardwareIdentifier, _HWID_COLS, hw_rows)
+            w.insert(Finding, _FINDING_COLS, finding_rows)
+            w.insert(AuditEvent, _AUDIT_COLS, audit_rows)
         except integrity_error as exc:
             # A concurrent request registered the same caller-chosen device id after step 3.
             raise ConflictError(
@@ -539,10 +565,10 @@ def _integrity_error(session: Session) -> type[Exception]:
     """The DB-API driver's IntegrityError (the bulk writer talks to the driver directly)."""
     dbapi = session.get_bind().dialect.loaded_dbapi
     err = getattr(dbapi, "IntegrityError", None)
-    return err if isinstance(err, type) and issubclass(err, Exception) else _NeverRaised
+    return err if isinstance(err, type) and issubclass(err, Exception) else _NeverRaisedError
 
 
-class _NeverRaised(Exception):
+class _NeverRaisedError(Exception):
     pass
 
 

@@ -35,6 +35,7 @@ from fleettrust import pki
 from fleettrust.errors import (
     AuthenticationError,
     AuthorizationError,
+    ConflictError,
     FleetTrustError,
     NotFoundError,
     PolicyError,
@@ -107,7 +108,7 @@ def register_devices(
     rows: list[dict[str, Any]] = []
     lines: dict[str, int] = {}
     identifiers: dict[str, list[tuple[str, str]]] = {}
-    errors: list[dict[str, Any]] = []
+    errors: list[tuple[int, FleetTrustError]] = []
     for line, item in enumerate(items, start=1):
         try:
             raw_manifest = item.get("manifest")
@@ -121,11 +122,12 @@ def register_devices(
                 raise ValidationError("device_id must be a string", code="invalid_device_id")
             pki.check_device_id(device_id)
         except FleetTrustError as exc:
-            errors.append({"line": line, "code": exc.code, "message": exc.message})
+            errors.append((line, exc))
             continue
         if device_id in lines:
-            errors.append({"line": line, "code": "duplicate_device_id",
-                           "message": f"device id {device_id} repeats line {lines[device_id]}"})
+            errors.append((line, ValidationError(
+                f"device id {device_id} repeats line {lines[device_id]}",
+                code="duplicate_device_id")))
             continue
         lines[device_id] = line
         identifiers[device_id] = list(pki.identifiers(manifest))
@@ -153,17 +155,10 @@ def register_devices(
         for start in range(0, len(ids), 500):
             chunk = ids[start : start + 500]
             for existing in session.scalars(select(Device.id).where(Device.id.in_(chunk))):
-                errors.append({"line": lines[existing], "code": "device_exists",
-                               "message": f"device {existing} is already registered"})
+                errors.append((lines[existing], ConflictError(
+                    f"device {existing} is already registered", code="device_exists")))
         if errors:
-            errors.sort(key=lambda e: e["line"])
-            if len(items) == 1:
-                raise ValidationError(errors[0]["message"], code=errors[0]["code"],
-                                      errors=errors)
-            raise ValidationError(
-                f"{len(errors)} of {len(items)} lines rejected; nothing was registered",
-                code="bulk_rejected", errors=errors,
-            )
+            _reject(errors, len(items))
         n = len(rows)
         reserved = _rowcount(session.execute(
             update(Batch).where(Batch.id == batch_id, Batch.issued_count + n <= Batch.planned_size)
@@ -197,6 +192,19 @@ def register_devices(
             for r in rows
         ])
     return ids
+
+
+def _reject(errors: list[tuple[int, FleetTrustError]], n_items: int) -> None:
+    """Raise: the original error for a one-item request, ``bulk_rejected`` listing every line
+    otherwise (the same contract as certificate issuance)."""
+    errors.sort(key=lambda e: e[0])
+    if n_items == 1:
+        raise errors[0][1]
+    listed = [{"line": line, "code": exc.code, "message": exc.message} for line, exc in errors]
+    raise ValidationError(
+        f"{len({line for line, _ in errors})} of {n_items} lines rejected; nothing was registered",
+        code="bulk_rejected", errors=listed,
+    )
 
 
 def _hardware_conflicts(

@@ -291,3 +291,43 @@ class DeviceSession(Base):
     device_id: Mapped[str] = mapped_column(String(64), index=True)
     created_at: Mapped[dt.datetime]
     expires_at: Mapped[dt.datetime]
+
+
+class Revocation(Base):
+    """Monotonic log of revocation-state changes of certificates (the device revocation feed).
+
+    ``seq`` is the feed position: agents ask for ``since=N``. One operator operation (revoke a
+    batch) shares one ``operation_id`` across all rows it wrote. ``action`` is ``revoke``,
+    ``hold`` (certificateHold) or ``release`` (hold lifted).
+    """
+
+    __tablename__ = "revocations"
+    __table_args__ = (Index("ix_revocations_ca_seq", "ca_id", "seq"),)
+
+    seq: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    serial_hex: Mapped[str] = mapped_column(String(48), index=True)
+    ca_id: Mapped[str] = mapped_column(String(40))
+    device_id: Mapped[str | None] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))  # device | ca | server | ocsp
+    action: Mapped[str] = mapped_column(String(16))  # revoke | hold | release
+    reason: Mapped[str | None] = mapped_column(String(32))  # RFC 5280 CRLReason name
+    revoked_at: Mapped[dt.datetime]
+    operation_id: Mapped[str] = mapped_column(String(40), index=True)
+
+
+class CrlState(Base):
+    """Last CRL published per (issuing CA, shard); shard -1 is the CA-level/full CRL and -2 the
+    delta CRL. ``crl_number`` only grows (updated with a conditional UPDATE, safe across
+    processes)."""
+
+    __tablename__ = "crl_state"
+    __table_args__ = (UniqueConstraint("ca_id", "shard", name="uq_crl_state_ca_shard"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    ca_id: Mapped[str] = mapped_column(String(40))
+    shard: Mapped[int] = mapped_column(Integer)
+    crl_number: Mapped[int] = mapped_column(BigInteger)
+    base_seq: Mapped[int] = mapped_column(BigInteger)  # revocation seq covered
+    this_update: Mapped[dt.datetime]
+    next_update: Mapped[dt.datetime]
+    der: Mapped[bytes] = mapped_column(LargeBinary)

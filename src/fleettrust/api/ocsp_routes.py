@@ -1,0 +1,285 @@
+"""HTTP front of the OCSP responder (RFC 6960 appendix A, RFC 5019 §5-6).
+
+* ``POST /ocsp`` (and ``/ocsp/``) with an ``application/ocsp-request`` body;
+* ``GET /ocsp/{url-encoded base64 of the DER request}`` (``/``, ``+``, ``=`` may be percent
+  encoded or not); ``HEAD`` likewise, and ``If-None-Match`` with the response's ETag gives 304.
+
+Every answer is ``200 application/ocsp-response``, including ``malformedRequest`` (garbage,
+truncated, empty, larger than 4 KiB) and ``unauthorized`` (not one of our CAs): OCSP errors are
+OCSP responses, never an HTTP 500. Other methods get 405.
+
+The endpoint is a raw ASGI application (:class:`OcspEndpoint`): no FastAPI dependency
+injection, no Request object. A request whose bytes were seen before is answered by one dict
+lookup and two ``send`` calls; everything else runs :meth:`OcspResponder.resolve` in a worker
+thread.
+
+Two ways to serve it:
+
+* ``router`` (alias ``ocsp_router``): an ``APIRouter`` with the two routes, for the operator app
+  (``app.include_router(router)``). The :class:`OcspResponder` is created on the first request
+  from ``app.state.ctx`` and kept in ``app.state.ocsp_responder``; if the application already
+  has a revocation index in ``app.state.revocation_index`` the responder subscribes to it.
+* :func:`create_ocsp_app` / :func:`build_ocsp_app_from_env`: a tiny standalone ASGI app serving
+  only ``/ocsp`` (with lifespan start/stop of the responder), e.g. as its own listener::
+
+      uvicorn --factory fleettrust.api.ocsp_routes:build_ocsp_app_from_env --workers 2
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any, Final
+
+import anyio.to_thread
+from fastapi import APIRouter
+
+from fleettrust.revocation.ocsp import MAX_REQUEST_BYTES
+from fleettrust.revocation.ocsp_responder import (
+    CONTENT_TYPE,
+    INTERNAL_ERROR,
+    MALFORMED,
+    CachedResponse,
+    OcspResponder,
+)
+from fleettrust.services.context import ServiceContext
+
+log = logging.getLogger("fleettrust.api.ocsp")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+PREFIX: Final = "/ocsp"
+_ALLOW: Final = [(b"allow", b"GET, HEAD, POST"), (b"content-length", b"0")]
+#: Body bytes read (and thrown away) past the limit before answering, to keep the connection.
+_DRAIN_LIMIT: Final = 64 * 1024
+
+
+async def _read_body(receive: Receive, limit: int) -> bytes | None:
+    """The request body, or ``None`` if it exceeds ``limit`` (or the client went away)."""
+    message = await receive()
+    if message["type"] != "http.request":
+        return None
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= limit else None
+    chunks = [body]
+    size = len(body)
+    while message.get("more_body", False):
+        message = await receive()
+        if message["type"] != "http.request":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size <= limit:
+            chunks.append(chunk)
+        elif size > _DRAIN_LIMIT:
+            return None
+    return b"".join(chunks) if size <= limit else None
+
+
+def _declared_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return -1
+    return None
+
+
+def _if_none_match(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"if-none-match":
+            return bytes(value)
+    return None
+
+
+class OcspEndpoint:
+    """Raw ASGI app for ``/ocsp``: POST body or GET path segment -> OCSP response.
+
+    With ``responder=None`` the responder is taken from (or created in) the state of the
+    application that routed the request (``scope["app"].state``).
+    """
+
+    def __init__(self, responder: OcspResponder | None = None, *, prefix: str = PREFIX) -> None:
+        self._responder = responder
+        self._prefix = prefix.rstrip("/")
+        self._create_lock: asyncio.Lock | None = None
+
+    async def _app_responder(self, scope: Scope) -> OcspResponder:
+        app = scope.get("app")
+        state = getattr(app, "state", None)
+        if state is None:
+            raise RuntimeError("OcspEndpoint without a responder needs scope['app'].state.ctx")
+        responder: OcspResponder | None = getattr(state, "ocsp_responder", None)
+        if responder is not None:
+            return responder
+        if self._create_lock is None:
+            self._create_lock = asyncio.Lock()
+        async with self._create_lock:
+            responder = getattr(state, "ocsp_responder", None)
+            if responder is None:
+                ctx: ServiceContext = state.ctx
+                index = getattr(state, "revocation_index", None)
+
+                def build() -> OcspResponder:
+                    return OcspResponder(ctx, index=index).start()
+
+                responder = await anyio.to_thread.run_sync(build)
+                state.ocsp_responder = responder
+        return responder
+
+    def _segment(self, scope: Scope) -> str:
+        params = scope.get("path_params")
+        if params and "rest" in params:
+            return str(params["rest"])
+        path: str = scope.get("path", "")
+        root = scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root):]
+        if path.startswith(self._prefix):
+            path = path[len(self._prefix):]
+        return path.lstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        method = scope["method"]
+        responder = self._responder
+        if responder is None:
+            responder = await self._app_responder(scope)
+        resp: CachedResponse | None
+        if method == "POST":
+            declared = _declared_length(scope)
+            if declared is not None and (declared < 0 or declared > _DRAIN_LIMIT):
+                await _send(send, MALFORMED, head=False)
+                return
+            body = await _read_body(receive, MAX_REQUEST_BYTES)
+            if body is None:
+                resp = MALFORMED
+            else:
+                resp = responder.lookup_post(body)
+                if resp is None:
+                    resp = await _run(responder.resolve, body)
+            await _send(send, resp, head=False)
+            return
+        if method in ("GET", "HEAD"):
+            segment = self._segment(scope)
+            resp = responder.lookup_get(segment)
+            if resp is None:
+                resp = await _run(responder.resolve_get, segment)
+            if resp.etag and _if_none_match(scope) == resp.etag:
+                await send({"type": "http.response.start", "status": 304,
+                            "headers": [h for h in resp.headers
+                                        if h[0] not in (b"content-length", b"content-type")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+            await _send(send, resp, head=method == "HEAD")
+            return
+        await send({"type": "http.response.start", "status": 405, "headers": _ALLOW})
+        await send({"type": "http.response.body", "body": b""})
+
+
+async def _run(fn: Callable[[Any], CachedResponse], arg: Any) -> CachedResponse:
+    try:
+        return await anyio.to_thread.run_sync(fn, arg)
+    except Exception:  # resolve() already maps its own errors; this is the last resort
+        log.exception("OCSP request failed")
+        return INTERNAL_ERROR
+
+
+async def _send(send: Send, resp: CachedResponse, *, head: bool) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": resp.headers})
+    await send({"type": "http.response.body", "body": b"" if head else resp.body})
+
+
+# --- the router for the operator app -----------------------------------------------------------
+
+_endpoint = OcspEndpoint()
+router = APIRouter()
+router.add_route(PREFIX, _endpoint, methods=["GET", "POST"], include_in_schema=False,  # type: ignore[arg-type]
+                 name="ocsp")
+router.add_route(PREFIX + "/{rest:path}", _endpoint, methods=["GET", "POST"],  # type: ignore[arg-type]
+                 include_in_schema=False, name="ocsp_get")
+ocsp_router = router
+
+
+# --- the standalone app ------------------------------------------------------------------------
+
+
+class OcspApp:
+    """Minimal ASGI app: ``/ocsp`` and ``/ocsp/...`` only; lifespan starts/stops the responder.
+
+    ``create_responder`` runs at lifespan startup (in a worker thread), or on the first
+    request when the server does not send lifespan events.
+    """
+
+    def __init__(self, create_responder: Callable[[], OcspResponder]) -> None:
+        self._create = create_responder
+        self.responder: OcspResponder | None = None
+        self._endpoint: OcspEndpoint | None = None
+        self._lock = asyncio.Lock()
+        self._prefix_slash = PREFIX + "/"
+
+    async def _ready(self) -> OcspEndpoint:
+        async with self._lock:
+            if self._endpoint is None:
+                self.responder = await anyio.to_thread.run_sync(self._create)
+                self._endpoint = OcspEndpoint(self.responder)
+            return self._endpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            endpoint = self._endpoint or await self._ready()
+            path: str = scope["path"]
+            if path == PREFIX or path.startswith(self._prefix_slash):
+                await endpoint(scope, receive, send)
+                return
+            await send({"type": "http.response.start", "status": 404,
+                        "headers": [(b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        if kind == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    try:
+                        await self._ready()
+                    except Exception as exc:
+                        log.exception("OCSP responder failed to start")
+                        await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                        return
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    if self.responder is not None:
+                        await anyio.to_thread.run_sync(self.responder.close)
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+
+
+def create_ocsp_app(ctx: ServiceContext, **responder_options: Any) -> OcspApp:
+    """Standalone OCSP app for ``ctx`` (options go to :class:`OcspResponder`)."""
+    return OcspApp(lambda: OcspResponder(ctx, **responder_options).start())
+
+
+def build_ocsp_app_from_env() -> OcspApp:
+    """Factory for ``uvicorn --factory`` (settings from ``FLEETTRUST_*``), one per worker."""
+    from fleettrust.config import Settings
+
+    return create_ocsp_app(ServiceContext.create(Settings.load()))
+
+
+__all__ = [
+    "CONTENT_TYPE",
+    "OcspApp",
+    "OcspEndpoint",
+    "build_ocsp_app_from_env",
+    "create_ocsp_app",
+    "ocsp_router",
+    "router",
+]
