@@ -23,7 +23,8 @@ from fleettrust.signing.filekeys import FileKeyStore
 from tests.softhsm import TEST_USER_PIN, make_softhsm_token, softhsm_available
 
 PASS = b"ceremony passphrase 42"
-NOW = dt.datetime.now(dt.UTC)
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 def ca_csr(tmp_path: Path, cn: str = "Fleet CA") -> tuple[bytes, ec.EllipticCurvePublicKey]:
@@ -57,7 +58,7 @@ def code_of(exc: pytest.ExceptionInfo[FleetTrustError]) -> str:
 
 def test_init_root_file_key_encrypted_private_and_fingerprint(tmp_path: Path) -> None:
     root_dir = tmp_path / "root"
-    info = ceremony.init_root(root_dir, passphrase=PASS, now=NOW)
+    info = ceremony.init_root(root_dir, passphrase=PASS, now=now())
 
     key_file = root_dir / ceremony.ROOT_KEY
     assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
@@ -107,10 +108,10 @@ def test_init_root_file_key_encrypted_private_and_fingerprint(tmp_path: Path) ->
 
 def test_init_root_refuses_to_overwrite_and_weak_passphrase(tmp_path: Path) -> None:
     root_dir = tmp_path / "root"
-    ceremony.init_root(root_dir, passphrase=PASS, now=NOW, algorithm=SignerAlgorithm.EC_P256)
+    ceremony.init_root(root_dir, passphrase=PASS, now=now(), algorithm=SignerAlgorithm.EC_P256)
     before = {f.name: f.read_bytes() for f in root_dir.iterdir()}
     with pytest.raises(ConflictError) as exc:
-        ceremony.init_root(root_dir, passphrase=PASS, now=NOW)
+        ceremony.init_root(root_dir, passphrase=PASS, now=now())
     assert code_of(exc) == "root_exists"
     assert {f.name: f.read_bytes() for f in root_dir.iterdir()} == before
 
@@ -119,22 +120,22 @@ def test_init_root_refuses_to_overwrite_and_weak_passphrase(tmp_path: Path) -> N
     half.mkdir()
     (half / ceremony.ROOT_KEY).write_bytes(b"precious")
     with pytest.raises(ConflictError):
-        ceremony.init_root(half, passphrase=PASS, now=NOW)
+        ceremony.init_root(half, passphrase=PASS, now=now())
     assert (half / ceremony.ROOT_KEY).read_bytes() == b"precious"
 
     weak = tmp_path / "weak"
     with pytest.raises(ValidationError) as exc2:
-        ceremony.init_root(weak, passphrase=b"short", now=NOW)
+        ceremony.init_root(weak, passphrase=b"short", now=now())
     assert code_of(exc2) == "weak_passphrase"
     assert not weak.exists() or not any(weak.iterdir())
 
 
 def test_sign_ca_csr_file_root_logs_and_refuses_tampering(tmp_path: Path) -> None:
     root_dir = tmp_path / "root"
-    info = ceremony.init_root(root_dir, passphrase=PASS, now=NOW)
+    info = ceremony.init_root(root_dir, passphrase=PASS, now=now())
     csr_pem, public_key = ca_csr(tmp_path)
 
-    cert = ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=PASS, now=NOW)
+    cert = ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=PASS, now=now())
     cert.verify_directly_issued_by(info.certificate)
     assert cert.public_key() == public_key
     assert cert.issuer == info.certificate.subject
@@ -149,11 +150,11 @@ def test_sign_ca_csr_file_root_logs_and_refuses_tampering(tmp_path: Path) -> Non
 
     # Tampered CSR: refused before the root key is used, nothing logged.
     with pytest.raises(ValidationError) as exc:
-        ceremony.sign_ca_csr(root_dir, tamper(csr_pem), passphrase=PASS, now=NOW)
+        ceremony.sign_ca_csr(root_dir, tamper(csr_pem), passphrase=PASS, now=now())
     assert code_of(exc) == "csr_bad_signature"
     # Wrong passphrase: refused, nothing logged.
     with pytest.raises(KeyStoreError) as exc2:
-        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=b"wrong passphrase", now=NOW)
+        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=b"wrong passphrase", now=now())
     assert code_of(exc2) == "wrong_passphrase"
     # A weak key is refused by policy.
     weak = ec.generate_private_key(ec.SECP256K1())
@@ -161,25 +162,25 @@ def test_sign_ca_csr_file_root_logs_and_refuses_tampering(tmp_path: Path) -> Non
                 .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "x")]))
                 .sign(weak, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
     with pytest.raises(FleetTrustError) as exc3:
-        ceremony.sign_ca_csr(root_dir, weak_csr, passphrase=PASS, now=NOW)
+        ceremony.sign_ca_csr(root_dir, weak_csr, passphrase=PASS, now=now())
     assert code_of(exc3) == "key_not_allowed"
     assert len(issued_lines(root_dir)) == 1
 
     # Every signature is appended.
     second = ceremony.sign_ca_csr(root_dir, ca_csr(tmp_path / "b", "Fleet CA 2")[0],
-                                  passphrase=PASS, now=NOW, path_length=1)
+                                  passphrase=PASS, now=now(), path_length=1)
     lines = issued_lines(root_dir)
     assert [e["serial"] for e in lines] == [format(c.serial_number, "x") for c in (cert, second)]
 
     # A directory whose root.pem does not match the key is refused.
     other = tmp_path / "other"
-    ceremony.init_root(other, passphrase=PASS, now=NOW)
+    ceremony.init_root(other, passphrase=PASS, now=now())
     (root_dir / ceremony.ROOT_CERT).write_bytes((other / ceremony.ROOT_CERT).read_bytes())
     with pytest.raises(ValidationError) as exc4:
-        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=PASS, now=NOW)
+        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=PASS, now=now())
     assert code_of(exc4) == "root_key_mismatch"
     with pytest.raises(ValidationError) as exc5:
-        ceremony.sign_ca_csr(tmp_path / "nowhere", csr_pem, passphrase=PASS, now=NOW)
+        ceremony.sign_ca_csr(tmp_path / "nowhere", csr_pem, passphrase=PASS, now=now())
     assert code_of(exc5) == "not_root_dir"
 
 
@@ -191,7 +192,7 @@ def test_sign_ca_csr_file_root_logs_and_refuses_tampering(tmp_path: Path) -> Non
 def test_init_root_and_sign_with_pkcs11_token(tmp_path: Path) -> None:
     config = make_softhsm_token(tmp_path, "ceremony-root")
     root_dir = tmp_path / "root"
-    info = ceremony.init_root(root_dir, passphrase=None, now=NOW, pkcs11=config)
+    info = ceremony.init_root(root_dir, passphrase=None, now=now(), pkcs11=config)
     assert info.key_backend == "pkcs11"
     assert not (root_dir / ceremony.ROOT_KEY).exists()  # the key never leaves the token
     meta = json.loads((root_dir / ceremony.ROOT_META).read_text())
@@ -203,23 +204,23 @@ def test_init_root_and_sign_with_pkcs11_token(tmp_path: Path) -> None:
     info.certificate.verify_directly_issued_by(info.certificate)
 
     csr_pem, public_key = ca_csr(tmp_path)
-    cert = ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=NOW,
+    cert = ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=now(),
                                 pkcs11_pin=TEST_USER_PIN)
     cert.verify_directly_issued_by(info.certificate)
     assert cert.public_key() == public_key
     assert len(issued_lines(root_dir)) == 1
 
     with pytest.raises(ValidationError) as exc:
-        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=NOW)
+        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=now())
     assert code_of(exc) == "pin_required"
     with pytest.raises(KeyStoreError) as exc3:
-        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=NOW, pkcs11_pin="0000-wrong")
+        ceremony.sign_ca_csr(root_dir, csr_pem, passphrase=None, now=now(), pkcs11_pin="0000-wrong")
     assert code_of(exc3) == "wrong_pin"
     with pytest.raises(ValidationError) as exc2:
-        ceremony.sign_ca_csr(root_dir, tamper(csr_pem), passphrase=None, now=NOW,
+        ceremony.sign_ca_csr(root_dir, tamper(csr_pem), passphrase=None, now=now(),
                              pkcs11_pin=TEST_USER_PIN)
     assert code_of(exc2) == "csr_bad_signature"
     assert len(issued_lines(root_dir)) == 1
     # A second root in the same token is a new key; the first directory is not overwritten.
     with pytest.raises(ConflictError):
-        ceremony.init_root(root_dir, passphrase=None, now=NOW, pkcs11=config)
+        ceremony.init_root(root_dir, passphrase=None, now=now(), pkcs11=config)

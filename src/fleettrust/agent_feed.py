@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import random
+import socket
 import ssl
 import threading
 import time
@@ -254,6 +255,20 @@ class RevocationFollower:
 
     # --- push ------------------------------------------------------------------------------
 
+    def apply_push(self, doc: dict[str, Any]) -> bool:
+        """Apply a feed page pushed to the device (an MQTT message of
+        ``fleettrust/revocations/v1``). ``False`` if the page does not continue from
+        :attr:`last_seq` (the device missed something): call :meth:`catch_up` then."""
+        try:
+            events = feed.decode(doc)
+            since = int(doc["since"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise FeedError(f"pushed page not understood: {exc}") from exc
+        if since > self.state.last_seq:
+            return False
+        self.apply(events)
+        return True
+
     def stream(self, *, read_timeout: float = 45.0) -> None:
         """Follow the event stream until it ends, the connection fails or :meth:`stop`."""
         headers = {"Accept": "text/event-stream", "Last-Event-ID": str(self.state.last_seq)}
@@ -298,16 +313,21 @@ class RevocationFollower:
                 delay = min(max_backoff, delay * 2)
 
     def stop(self) -> None:
+        """Make :meth:`run` / :meth:`stream` return (from another thread): the open stream's
+        socket is shut down, which wakes a blocked read at once."""
         self._stop.set()
         r = self._response
         if r is not None:
-            with contextlib.suppress(Exception):
-                r.close()
+            stream = r.extensions.get("network_stream")
+            sock = stream.get_extra_info("socket") if stream is not None else None
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
 
 
 def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event name, data) of each server-sent event (comments and ids are skipped)."""
-    name, data = "message", []
+    name, data = "message", list[str]()
     for line in lines:
         if not line:
             if data:

@@ -7,6 +7,7 @@ Also home of the small HTTP helpers the other API/service tests import.
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
 import warnings
 from collections.abc import Iterator
@@ -149,9 +150,7 @@ def test_openapi_lists_every_route(api: TestClient) -> None:
     schemas = spec["components"]["schemas"]
     assert schemas["FactoryIn"]["additionalProperties"] is False
     assert "csr" in schemas["DeviceIn"]["properties"]
-
-
-def test_healthz_and_unknown_route(api: TestClient) -> None:
+    # and the two public meta routes behave
     assert api.get("/healthz").json() == {"status": "ok"}
     body = assert_problem(api.get("/v1/nope"), 404, "no_such_route")
     assert "/v1/nope" in body["detail"]
@@ -238,8 +237,6 @@ def test_every_state_changing_call_is_audited(ctx: ServiceContext, api: TestClie
                f"/v1/batches/{bid}/devices/generate", f1_token, f1_actor,
                json={"manifest": manifest(), "passphrase": "a long passphrase",
                      "key_format": "pkcs12"}, status=201)
-    import base64
-
     key, cert12, _ = pkcs12.load_key_and_certificates(base64.b64decode(gen["pkcs12_b64"]),
                                                       b"a long passphrase")
     assert key is not None
@@ -294,38 +291,44 @@ def test_every_state_changing_call_is_audited(ctx: ServiceContext, api: TestClie
     assert der.headers["content-type"] == "application/pkix-cert"
     assert x509.load_der_x509_certificate(der.content).subject == leaf.issuer
 
-
-def test_read_endpoints(ctx: ServiceContext, api: TestClient, tmp_path: Path) -> None:
-    admin_token = make_token(ctx, "admin", "alice")
+    # what was made is readable (by an auditor) and consistent
     auditor = bearer(make_token(ctx, "auditor", "audra"))
-    http_fleet(ctx, api, admin_token, tmp_path / "root")
-    f = api.post("/v1/factories", json={"name": "F"}, headers=bearer(admin_token)).json()
-    b = api.post(f"/v1/factories/{f['id']}/batches", headers=bearer(f["token"]), json={
-        "name": "B", "product_model": "M", "hardware_revision": "r1", "planned_size": 3,
-        "manufactured_on": "2026-01-02"}).json()
-    issued = api.post(f"/v1/batches/{b['id']}/devices", headers=bearer(f["token"]),
-                      json={"csr": device_csr()[0], "manifest": manifest()}).json()
-    dev = issued["devices"][0]["device_id"]
-    assert [x["id"] for x in api.get("/v1/factories", headers=auditor).json()] == [f["id"]]
-    assert api.get(f"/v1/factories/{f['id']}", headers=auditor).json()["name"] == "F"
-    assert api.get(f"/v1/factories/{f['id']}/batches", headers=auditor).json()[0]["id"] == b["id"]
-    got = api.get(f"/v1/batches/{b['id']}", headers=auditor).json()
-    assert got["issued_count"] == 1
+    listed = [x["id"] for x in api.get("/v1/factories", headers=auditor).json()]
+    assert sorted(listed) == sorted([f1["id"], f2["id"]])
+    assert api.get(f"/v1/factories/{f2['id']}", headers=auditor).json()["status"] == "active"
+    batches = api.get(f"/v1/factories/{f1['id']}/batches", headers=auditor).json()
+    assert sorted(b["name"] for b in batches) == ["B1", "SS1"]
+    got = api.get(f"/v1/batches/{bid}", headers=auditor).json()
+    assert got["issued_count"] == 5
+    assert got["own_ca"] is True
+    got = api.get(f"/v1/batches/{ss['id']}", headers=auditor).json()
     assert "group_secret" not in got
-    view = api.get(f"/v1/devices/{dev}", headers=auditor).json()
-    assert view["certificates"][0]["serial"] == issued["devices"][0]["serial"]
-    assert view["weak_identity"] is False
-    listed = api.get("/v1/devices", params={"batch_id": b["id"]}, headers=auditor).json()
-    assert [d["id"] for d in listed] == [dev]
-    kinds = {c["kind"] for c in api.get("/v1/hierarchy", headers=auditor).json()}
-    assert kinds == {"root", "fleet", "factory"}
-    actions = [e["action"] for e in api.get("/v1/audit", headers=auditor).json()]
-    assert {"fleet_ca.csr", "fleet_ca.import", "factory.create", "batch.create",
-            "device.manufactured"} <= set(actions)
-    assert api.get("/v1/audit", params={"target_id": dev}, headers=auditor).json()[0][
-        "action"] == "device.manufactured"
+    view = api.get(f"/v1/devices/{device_id}", headers=auditor).json()
+    assert view["certificates"][0]["serial"] == one["devices"][0]["serial"]
+    assert view["owner"] == "bob@example.com"
+    assert view["station"] == "st-1"
+    assert (view["weak_identity"], view["key_origin"]) == (False, "device")
+    generated = api.get(f"/v1/devices/{gen['devices'][0]['device_id']}", headers=auditor).json()
+    assert (generated["weak_identity"], generated["key_origin"]) == (True, "server")
+    in_batch = api.get("/v1/devices", params={"batch_id": bid, "limit": 3}, headers=auditor)
+    assert len(in_batch.json()) == 3
+    rest = api.get("/v1/devices", headers=auditor, params={
+        "batch_id": bid, "after": in_batch.json()[-1]["id"]}).json()
+    assert len(rest) == 2
+    kinds = sorted(c["kind"] for c in api.get("/v1/hierarchy", headers=auditor).json())
+    assert kinds == ["batch", "factory", "factory", "fleet", "root"]
+    actions = {e["action"] for e in api.get("/v1/audit", headers=auditor,
+                                             params={"limit": 1000}).json()}
+    assert {"fleet_ca.csr", "fleet_ca.import", "factory.create", "factory.ca_signed",
+            "batch.create", "device.manufactured", "device.authenticated", "claim_code.create",
+            "claim_code.revoke", "device.claim", "token.create", "token.revoke"} <= actions
+    trail = api.get("/v1/audit", params={"target_id": device_id}, headers=auditor).json()
+    assert [e["action"] for e in trail] == ["device.manufactured", "claim_code.create",
+                                            "claim_code.revoke", "claim_code.create",
+                                            "device.claim"]
     assert api.get("/v1/findings", headers=auditor).json() == []
-    assert len(api.get("/v1/tokens", headers=auditor).json()) >= 3
+    tokens = api.get("/v1/tokens", headers=auditor).json()
+    assert {t["id"]: t["revoked"] for t in tokens}[tok["id"]] is True
 
 
 def test_live_server_issues_over_real_http(ctx: ServiceContext, tmp_path: Path) -> None:

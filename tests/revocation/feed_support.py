@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -61,3 +64,58 @@ def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> 
             return True
         time.sleep(interval)
     return bool(predicate())
+
+
+class Mosquitto:
+    """A real Mosquitto broker on a free port, started from a config file (not the system one)."""
+
+    def __init__(self, conf: Path, port: int) -> None:
+        self.conf = conf
+        self.port = port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = conf.with_suffix(".log")
+
+    @classmethod
+    def plain(cls, tmp: Path) -> Mosquitto:
+        port = free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        conf = tmp / "plain.conf"
+        conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n"
+                        "persistence false\nlog_dest stderr\n")
+        return cls(conf, port)
+
+    def __enter__(self) -> Mosquitto:
+        self.start()
+        return self
+
+    def start(self) -> None:
+        fh = self.log.open("ab")
+        self.proc = subprocess.Popen(["mosquitto", "-c", str(self.conf)], stdout=fh, stderr=fh)
+        fh.close()
+        deadline = time.time() + 10
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mosquitto exited: {self.log.read_text()[-2000:]}")
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise RuntimeError("mosquitto did not start")
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.proc = None
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

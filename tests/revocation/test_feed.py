@@ -12,6 +12,7 @@ import pytest
 from cryptography import x509
 
 from fleettrust.agent_feed import (
+    FeedError,
     PeerRefusedError,
     PeerRevokedError,
     RevocationFollower,
@@ -57,9 +58,9 @@ def test_formats_round_trip_and_v2_is_compact() -> None:
     bp = feed.FeedPage(99, 599, 599, False, False, big)
     n1, n2 = len(feed.dumps(feed.page_v1(bp))), len(feed.dumps(feed.page_v2(bp)))
     assert n2 * 4 < n1, (n1, n2)
+    doc = feed.page_v2(bp)
+    doc["count"] += 1
     with pytest.raises(ValueError, match="truncated"):
-        doc = feed.page_v2(bp)
-        doc["count"] += 1
         feed.decode(doc)
     with pytest.raises(ValueError, match="unknown feed format"):
         feed.decode({"format": "v9"})
@@ -115,17 +116,21 @@ def test_v1_pinned_agent_gets_every_revocation_after_v2(
         truth = _revoked_serials(ctx)
         for d in devs:
             assert d.serial_hex in truth
-            assert old.is_revoked(d.serial_hex) and new.is_revoked(d.serial_hex)
+            assert old.is_revoked(d.serial_hex)
+            assert new.is_revoked(d.serial_hex)
         assert old.last_seq == new.last_seq
         assert {s for s, r in old.state.overrides.items() if r} == truth
         assert old.state.overrides == new.state.overrides
         # state survives a restart (atomic state file)
         again = RevocationFollower(client, tmp_path / "v1.json", fmt="v1")
-        assert again.last_seq == old.last_seq and again.is_revoked(devs[3].serial_hex)
+        assert again.last_seq == old.last_seq
+        assert again.is_revoked(devs[3].serial_hex)
         assert again.catch_up() == 0
         # pages are bounded, the format is checked
         r = client.get("/v1/revocations", params={"since": 0, "limit": 2})
-        assert r.status_code == 200 and len(r.json()["events"]) == 2 and r.json()["more"]
+        assert r.status_code == 200
+        assert len(r.json()["events"]) == 2
+        assert r.json()["more"]
         assert client.get("/v1/revocations", params={"format": "v3"}).status_code == 422
         assert client.get("/v1/revocations", params={"since": -1}).status_code == 422
 
@@ -140,14 +145,18 @@ def test_far_behind_agent_falls_back_to_snapshot(
     monkeypatch.setattr("fleettrust.revocation.filter.UNIVERSE_MARGIN", dt.timedelta(0))
     with AppServer(operator_app(ctx)) as srv, httpx.Client(base_url=srv.url) as client:
         r = client.get("/v1/revocations", params={"since": 0})
-        assert r.json()["snapshot_required"] and r.json()["snapshot"] == feed.SNAPSHOT_PATH
+        assert r.json()["snapshot_required"]
+        assert r.json()["snapshot"] == feed.SNAPSHOT_PATH
         snap = client.get("/v1/revocations/snapshot")
-        assert snap.status_code == 200 and snap.headers["etag"] == '"5"'
+        assert snap.status_code == 200
+        assert snap.headers["etag"] == '"5"'
         assert client.get("/v1/revocations/snapshot",
                           headers={"If-None-Match": '"5"'}).status_code == 304
         f = RevocationFollower(client, tmp_path / "agent.json")
         f.catch_up()
-        assert f.last_seq == 5 and f.state.snapshot is not None and not f.state.overrides
+        assert f.last_seq == 5
+        assert f.state.snapshot is not None
+        assert not f.state.overrides
         rev.revoke_device(ctx, admin, devs[5].device_id)
         f.catch_up()
         assert f.last_seq == 6
@@ -167,7 +176,8 @@ def test_gateway_stream_push_resume_and_peer_refusal(
         gw.gw.app.include_router(gateway_router)
         anon = httpx.Client(base_url=gw.url, verify=tls_client(me.root_path), timeout=10)
         r = anon.get("/v1/revocations")
-        assert r.status_code == 401 and r.json()["code"] == "client_certificate_required"
+        assert r.status_code == 401
+        assert r.json()["code"] == "client_certificate_required"
         client = me.client(gw)
         state = tmp_path / "agent-state.json"
         f = RevocationFollower(client, state, fmt="v1")
@@ -202,12 +212,23 @@ def test_gateway_stream_push_resume_and_peer_refusal(
         rev.revoke_device(ctx, admin, others[1].device_id)
         rev.suspend_device(ctx, admin, others[2].device_id)
         g = RevocationFollower(me.client(gw), state, fmt="v2")
-        t2 = threading.Thread(target=g.stream, daemon=True)
+        ended: list[str] = []
+
+        def follow() -> None:
+            try:
+                g.stream()
+                ended.append("eof")
+            except FeedError as exc:
+                ended.append(str(exc))
+
+        t2 = threading.Thread(target=follow, daemon=True)
         t2.start()
         assert wait_until(lambda: g.is_revoked(others[2].serial_hex), 5)
-        assert g.is_revoked(others[1].serial_hex) and g.is_revoked(peer.serial)
+        assert g.is_revoked(others[1].serial_hex)
+        assert g.is_revoked(peer.serial)
         # the streaming device itself is revoked: the gateway closes its stream
         rev.revoke_device(ctx, admin, me.device_id)
         t2.join(5)
         assert not t2.is_alive()
+        assert ended
         anon.close()

@@ -19,6 +19,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 from sqlalchemy import func, select
 
 from fleettrust.clock import FixedClock
+from fleettrust.revocation import ocsp as pure
 from fleettrust.revocation import ocsp_responder as responder_mod
 from fleettrust.revocation.ocsp_responder import (
     MALFORMED,
@@ -49,7 +50,8 @@ class IssuedCert:
 def issuer_of(ctx: ServiceContext, ca_id: str) -> x509.Certificate:
     with ctx.sessions() as s:
         ca = s.get(CertificateAuthority, ca_id)
-        assert ca is not None and ca.certificate_der is not None
+        assert ca is not None
+        assert ca.certificate_der is not None
         return x509.load_der_x509_certificate(ca.certificate_der)
 
 
@@ -66,7 +68,8 @@ def unstored_certificate(ctx: ServiceContext, ca_id: str) -> x509.Certificate:
     """A certificate signed by our CA's key that fleettrust never recorded (-> unknown)."""
     with ctx.sessions() as s:
         ca = s.get(CertificateAuthority, ca_id)
-        assert ca is not None and ca.key_id is not None
+        assert ca is not None
+        assert ca.key_id is not None
         key_id = ca.key_id
     issuer = issuer_of(ctx, ca_id)
     now = dt.datetime.now(dt.UTC)
@@ -98,8 +101,11 @@ def foreign_pair() -> tuple[x509.Certificate, x509.Certificate]:
 
 
 def ocsp_request(cert: x509.Certificate, issuer: x509.Certificate,
-                 algorithm: hashes.HashAlgorithm | None = None, nonce: bytes | None = None) -> bytes:
-    b = cocsp.OCSPRequestBuilder().add_certificate(cert, issuer, algorithm or hashes.SHA1())
+                 algorithm: hashes.HashAlgorithm | None = None,
+                 nonce: bytes | None = None) -> bytes:
+    # SHA-1 is what RFC 5019 clients put in CertIDs (an identifier, not a signature)
+    alg = algorithm or hashes.SHA1()  # noqa: S303
+    b = cocsp.OCSPRequestBuilder().add_certificate(cert, issuer, alg)
     if nonce is not None:
         b = b.add_extension(x509.OCSPNonce(nonce), False)
     return b.build().public_bytes(serialization.Encoding.DER)
@@ -114,11 +120,12 @@ def check_signed_by_delegate(der: bytes, issuer: x509.Certificate) -> cocsp.OCSP
     issuer_key = issuer.public_key()
     assert isinstance(issuer_key, ec.EllipticCurvePublicKey)
     responder.verify_directly_issued_by(issuer)
-    eku = responder.extensions.get_extension_for_oid(ExtensionOID.EXTENDED_KEY_USAGE).value
+    eku = responder.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.OCSP_SIGNING]
     responder.extensions.get_extension_for_oid(ExtensionOID.OCSP_NO_CHECK)
-    ku = responder.extensions.get_extension_for_oid(ExtensionOID.KEY_USAGE).value
-    assert ku.digital_signature and not ku.key_cert_sign
+    ku = responder.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature
+    assert not ku.key_cert_sign
     assert resp.responder_key_hash == x509.SubjectKeyIdentifier.from_public_key(
         responder.public_key()).digest
     key = responder.public_key()
@@ -154,7 +161,7 @@ def test_statuses_profile_and_cache(ctx: ServiceContext, admin: Principal, fleet
     revocation_service.suspend_device(ctx, admin, held.device_id)
 
     # good, with SHA-1 and SHA-256 CertIDs
-    for alg in (hashes.SHA1(), hashes.SHA256()):
+    for alg in (hashes.SHA1(), hashes.SHA256()):  # noqa: S303
         der = ocsp_request(good.cert, issuer, alg)
         assert responder.lookup_post(der) is None  # not seen yet
         answer = responder.resolve(der)
@@ -162,7 +169,8 @@ def test_statuses_profile_and_cache(ctx: ServiceContext, admin: Principal, fleet
         assert resp.certificate_status is cocsp.OCSPCertStatus.GOOD
         assert resp.serial_number == good.cert.serial_number
         assert resp.hash_algorithm.name == alg.name
-        assert resp.next_update_utc is not None and resp.this_update_utc is not None
+        assert resp.next_update_utc is not None
+        assert resp.this_update_utc is not None
         assert resp.next_update_utc - resp.this_update_utc == dt.timedelta(hours=1)
         assert_pkilint_clean_ocsp(answer.body)
         # the same bytes again: served from the cache, identical
@@ -179,7 +187,8 @@ def test_statuses_profile_and_cache(ctx: ServiceContext, admin: Principal, fleet
     assert resp.revocation_reason is x509.ReasonFlags.key_compromise
     with ctx.sessions() as s:
         row = s.get(Certificate, format(revoked.cert.serial_number, "x"))
-        assert row is not None and row.revoked_at is not None
+        assert row is not None
+        assert row.revoked_at is not None
         assert resp.revocation_time_utc == row.revoked_at.replace(microsecond=0)
     assert_pkilint_clean_ocsp(answer.body)
 
@@ -199,16 +208,20 @@ def test_statuses_profile_and_cache(ctx: ServiceContext, admin: Principal, fleet
     # a serial issued by another of our CAs is unknown for this issuer
     fleet_issuer = issuer_of(ctx, fleet.fleet_ca_id)
     with ctx.sessions() as s:
-        sub_ca = s.scalars(select(Certificate).where(Certificate.kind == "ca",
-                                                     Certificate.ca_id == fleet.fleet_ca_id)).first()
+        sub_ca = s.scalars(select(Certificate).where(
+            Certificate.kind == "ca", Certificate.ca_id == fleet.fleet_ca_id)).first()
         assert sub_ca is not None
         sub_ca_cert = x509.load_der_x509_certificate(sub_ca.der)
     resp = check_signed_by_delegate(
         responder.resolve(ocsp_request(sub_ca_cert, fleet_issuer)).body, fleet_issuer)
     assert resp.certificate_status is cocsp.OCSPCertStatus.GOOD  # the factory CA's own cert
-    wrong_issuer = ocsp_request(good.cert, fleet_issuer)  # device serial, wrong CA
+    # the device's serial asked of the fleet CA (which did not issue it)
+    wrong_issuer = _seq(_seq(_seq(_seq(pure.encode_cert_id(pure.CertId(
+        "sha1", *pure.issuer_hashes(fleet_issuer, "sha1"), serial=good.cert.serial_number))))))
     resp = check_signed_by_delegate(responder.resolve(wrong_issuer).body, fleet_issuer)
     assert resp.certificate_status is cocsp.OCSPCertStatus.UNKNOWN
+    # name hash of one CA with the key hash of another: not one of ours
+    assert responder.resolve(ocsp_request(good.cert, fleet_issuer)) is UNAUTHORIZED
 
     # foreign issuer, and our offline root (no key here): unauthorized
     leaf, foreign = foreign_pair()
@@ -228,15 +241,12 @@ def test_statuses_profile_and_cache(ctx: ServiceContext, admin: Principal, fleet
     assert responder.lookup_post(with_nonce) is None
 
     # several certificates in one request: every one answered, in order
-    many = cocsp.OCSPRequestBuilder().add_certificate(good.cert, issuer, hashes.SHA1())
-    from fleettrust.revocation import ocsp as pure
     req = pure.parse_request(ocsp_request(good.cert, issuer))
     cids = [req.cert_ids[0],
             pure.CertId("sha1", req.cert_ids[0].issuer_name_hash,
                         req.cert_ids[0].issuer_key_hash, revoked.cert.serial_number),
             pure.CertId("sha1", req.cert_ids[0].issuer_name_hash,
                         req.cert_ids[0].issuer_key_hash, rogue.serial_number)]
-    del many
     body = b"".join(_seq(pure.encode_cert_id(c)) for c in cids)
     multi = _seq(_seq(_seq(body)))
     answer = responder.resolve(multi)
@@ -318,7 +328,8 @@ def test_revocation_reaches_both_processes_within_a_second(
         wait_for(reqs[held.device_id], "revoked", x509.ReasonFlags.certificate_hold)
         revocation_service.release_device(ctx, admin, held.device_id)
         wait_for(reqs[held.device_id], "good", None)
-        assert a.stats["invalidated"] >= 3 and b.stats["invalidated"] >= 3
+        assert a.stats["invalidated"] >= 3
+        assert b.stats["invalidated"] >= 3
     finally:
         a.close()
         b.close()
@@ -344,16 +355,19 @@ def test_refresh_at_half_life_and_eviction(ctx: ServiceContext, devices: list[Is
     clock.advance(seconds=600)
     assert r.lookup_post(hot_req) is first
     r.refresh_now()
-    assert r.cache_size() == 2 and r.lookup_post(rogue_req) is None
+    assert r.cache_size() == 2
+    assert r.lookup_post(rogue_req) is None
     # 30 minutes after signing (half of the 1 h validity): the answer asked for since is
     # re-signed with a fresh thisUpdate, the one nobody asked for is dropped
     fake[0] += 1200
     clock.advance(seconds=1200)
     r.refresh_now()
     again = r.lookup_post(hot_req)
-    assert again is not None and again is not first
+    assert again is not None
+    assert again is not first
     assert again.this_update == first.this_update + dt.timedelta(seconds=1800)  # type: ignore[operator]
-    assert r.lookup_post(cold_req) is None and r.cache_size() == 1
+    assert r.lookup_post(cold_req) is None
+    assert r.cache_size() == 1
     # past 90 % of the validity without refresh (thread stopped) the hot path refuses it
     fake[0] += 3300
     assert r.lookup_post(hot_req) is None
@@ -385,7 +399,8 @@ def test_responder_credential_race_and_rotation(ctx: ServiceContext, fleet: Hier
         t.join(30)
     try:
         assert not errors, errors
-        assert len(results) == 4 and len(set(results)) == 1  # all converged on one
+        assert len(results) == 4
+        assert len(set(results)) == 1
         with ctx.sessions() as s:
             assert s.scalar(select(func.count()).select_from(ServerCredential).where(
                 ServerCredential.purpose == f"ocsp:{ca_id}")) == 1
@@ -398,14 +413,17 @@ def test_responder_credential_race_and_rotation(ctx: ServiceContext, fleet: Hier
         # that still holds the old one adopts it at its next credential check
         a = OcspResponder(ctx, sync_index=False)
         old = a.credential(ca_id)
-        assert old is not None and old.credential_id == results[0]
+        assert old is not None
+        assert old.credential_id == results[0]
         later = FixedClock(dt.datetime.now(dt.UTC) + dt.timedelta(days=24))
         contexts[0].clock = later
         new = ensure_responder_credential(contexts[0], ca_id)
-        assert new is not None and new.credential_id != old.credential_id
+        assert new is not None
+        assert new.credential_id != old.credential_id
         assert new.not_after > old.not_after
-        assert ensure_responder_credential(contexts[1], ca_id).credential_id \
-            == new.credential_id  # type: ignore[union-attr]
+        other = ensure_responder_credential(contexts[1], ca_id)
+        assert other is not None
+        assert other.credential_id == new.credential_id
         a._check_credentials()
         assert a.credential(ca_id).credential_id == new.credential_id  # type: ignore[union-attr]
         a.close()
@@ -426,4 +444,5 @@ def test_no_credential_for_revoked_or_external_ca(ctx: ServiceContext, admin: Pr
         root = s.scalars(select(CertificateAuthority).where(
             CertificateAuthority.kind == "root")).first()
         assert root is not None
-        assert ensure_responder_credential(ctx, root.id) is None
+        root_id = root.id
+    assert ensure_responder_credential(ctx, root_id) is None  # offline root: no key here

@@ -61,7 +61,7 @@ def world(ctx: ServiceContext, fleet: Hierarchy) -> Any:
                     r.json()["devices"][0]["device_id"])
 
 
-def test_tokens_are_stored_hashed(world: World) -> None:
+def check_tokens_are_stored_hashed(world: World) -> None:
     r = world.api.post("/v1/tokens", headers=bearer(world.admin),
                        json={"role": "repair-centre", "subject": "Fix-It Ltd"})
     assert r.status_code == 201, r.text
@@ -80,7 +80,7 @@ def test_tokens_are_stored_hashed(world: World) -> None:
     assert all("token" not in t and "secret_sha256" not in t for t in listed)
 
 
-def test_each_bad_token_has_its_own_401(world: World) -> None:
+def check_each_bad_token_has_its_own_401(world: World) -> None:
     clock = FixedClock(dt.datetime.now(dt.UTC))
     world.ctx.clock = clock
     short = world.api.post("/v1/tokens", headers=bearer(world.admin),
@@ -143,7 +143,7 @@ def _state_changing_calls(w: World) -> list[tuple[str, str, Any]]:
     ]
 
 
-def test_auditor_is_read_only(world: World) -> None:
+def check_auditor_is_read_only(world: World) -> None:
     auditor = bearer(make_token(world.ctx, "auditor", "audra"))
     calls = _state_changing_calls(world)
     mutating = {(m, r.path) for r in router.routes for m in getattr(r, "methods", set())
@@ -160,7 +160,7 @@ def test_auditor_is_read_only(world: World) -> None:
         assert world.api.get(path, headers=auditor).status_code == 200, path
 
 
-def test_factory_token_is_scoped_to_its_factory(world: World) -> None:
+def check_factory_token_is_scoped_to_its_factory(world: World) -> None:
     f1 = bearer(world.f1.token)
     before = table_counts(world.ctx)
     assert_problem(world.api.post("/v1/factories", headers=f1, json={"name": "Rogue"}),
@@ -188,7 +188,7 @@ def test_factory_token_is_scoped_to_its_factory(world: World) -> None:
     assert other == []
 
 
-def test_owner_and_other_roles_stay_out(world: World) -> None:
+def check_owner_and_other_roles_stay_out(world: World) -> None:
     owner = bearer(make_token(world.ctx, "device-owner", "olga"))
     others = {role: bearer(make_token(world.ctx, role, f"{role}-1"))
               for role in ("release-manager", "repair-centre", "device-owner")}
@@ -259,3 +259,17 @@ def test_admin_manages_tokens(world: World) -> None:
     assert world.api.delete(f"/v1/tokens/{last}", headers=admin).status_code == 200
     assert_problem(world.api.get("/v1/tokens", headers=admin), 401, "token_revoked")
     assert world.api.get("/v1/tokens", headers=bearer(second["token"])).status_code == 200
+
+
+# --- the tests: one world per group of checks (the fixtures are the slow part) ------------------
+
+
+def test_token_storage_and_authentication_failures(world: World) -> None:
+    check_tokens_are_stored_hashed(world)
+    check_each_bad_token_has_its_own_401(world)
+
+
+def test_role_matrix(world: World) -> None:
+    check_auditor_is_read_only(world)
+    check_factory_token_is_scoped_to_its_factory(world)
+    check_owner_and_other_roles_stay_out(world)

@@ -46,8 +46,8 @@ def raises(code: str, fn: Any, *args: Any) -> FleetTrustError:
     return info.value
 
 
-def test_code_has_160_bits_and_only_its_hash_is_stored(ctx: ServiceContext, admin: Principal,
-                                                        device: str) -> None:
+def test_code_is_stored_hashed_and_claimed_once(ctx: ServiceContext, admin: Principal,
+                                                device: str) -> None:
     issued = claims.create_claim_code(ctx, admin, device)
     assert claims.CODE_RE.match(issued.code)
     raw = base64.b32decode(issued.code.removeprefix("FT1-"))
@@ -64,10 +64,6 @@ def test_code_has_160_bits_and_only_its_hash_is_stored(ctx: ServiceContext, admi
         rows = list(s.scalars(select(ClaimCode).where(ClaimCode.device_id == device)))
     assert {r.code_sha256 for r in rows} == {claims.hash_code(issued.code),
                                              claims.hash_code(other.code)}
-
-
-def test_claim_once_then_owner_sees_it_and_others_do_not(ctx: ServiceContext, admin: Principal,
-                                                         device: str) -> None:
     issued = claims.create_claim_code(ctx, admin, device)
     bob = bearer(make_token(ctx, "device-owner", "bob@example.com"))
     carol = bearer(make_token(ctx, "device-owner", "carol@example.com"))
@@ -94,7 +90,8 @@ def test_claim_once_then_owner_sees_it_and_others_do_not(ctx: ServiceContext, ad
         d = s.get(Device, device)
         assert d is not None
         assert d.owner == "bob@example.com"
-        row = s.scalars(select(ClaimCode).where(ClaimCode.device_id == device)).one()
+        row = s.scalars(select(ClaimCode).where(ClaimCode.device_id == device,
+                                                ClaimCode.used_at.is_not(None))).one()
         assert row.used_by == "bob@example.com"
         assert row.used_at is not None
 
@@ -134,9 +131,9 @@ def test_two_concurrent_claims_exactly_one_wins(ctx: ServiceContext, admin: Prin
             assert d.owner in ("owner-0", "owner-1")
 
 
-def test_expiry_revocation_and_replacement(ctx: ServiceContext, admin: Principal,
-                                           factory_principal: Principal,
-                                           batch: hierarchy.BatchCreated) -> None:
+def test_expiry_revocation_replacement_and_roles(ctx: ServiceContext, admin: Principal,
+                                                 factory_principal: Principal,
+                                                 batch: hierarchy.BatchCreated) -> None:
     clock = FixedClock(dt.datetime(2027, 1, 1, tzinfo=dt.UTC))
     ctx.clock = clock
     owner = make_principal(ctx, "device-owner", "dana")
@@ -171,10 +168,10 @@ def test_expiry_revocation_and_replacement(ctx: ServiceContext, admin: Principal
     assert claim_event.details["owner"] == "dana"
     assert claim_event.occurred_at == clock.now()
     assert events[-2].details["replaced_codes"] == 1
+    check_who_may_make_codes(ctx, admin, new_device(ctx, factory_principal, batch.batch.id))
 
 
-def test_who_may_make_codes(ctx: ServiceContext, admin: Principal, device: str,
-                            fleet: Any) -> None:
+def check_who_may_make_codes(ctx: ServiceContext, admin: Principal, device: str) -> None:
     other_factory = hierarchy.create_factory(ctx, admin, name="Other Line")
     stranger = make_principal(ctx, "factory", "other", other_factory.factory.id)
     owner = make_principal(ctx, "device-owner", "erin")

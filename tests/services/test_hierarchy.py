@@ -54,7 +54,8 @@ from tests.softhsm import make_softhsm_token, softhsm_available
 
 SQLITE_ONLY = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 PG_ONLY = pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
-NOW = dt.datetime.now(dt.UTC)
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
 
 
 # --- helpers shared with the other service tests ------------------------------------------------
@@ -146,15 +147,15 @@ def record_opened_files() -> Iterator[list[str]]:
 def test_fleet_ca_import_refusals_change_nothing(ctx: ServiceContext, admin: Principal,
                                                  tmp_path: Path) -> None:
     root_dir, other_dir = tmp_path / "root", tmp_path / "other-root"
-    root = ceremony.init_root(root_dir, passphrase=ROOT_PASSPHRASE, now=NOW)
-    ceremony.init_root(other_dir, passphrase=ROOT_PASSPHRASE, now=NOW,
+    root = ceremony.init_root(root_dir, passphrase=ROOT_PASSPHRASE, now=now())
+    ceremony.init_root(other_dir, passphrase=ROOT_PASSPHRASE, now=now(),
                        common_name="Some Other Root")
     csr = hierarchy.create_fleet_csr(ctx, admin, "Fleet CA")
     root_pem = pem_of(root.certificate)
 
     def sign(directory: Path, csr_pem: str, **kw: Any) -> str:
         return pem_of(ceremony.sign_ca_csr(directory, csr_pem.encode(),
-                                           passphrase=ROOT_PASSPHRASE, now=NOW, **kw))
+                                           passphrase=ROOT_PASSPHRASE, now=now(), **kw))
 
     # a certificate for another key, properly signed by the root
     other_key = FileKeyStore(tmp_path / "elsewhere", b"x" * 16).generate("other")
@@ -170,8 +171,8 @@ def test_fleet_ca_import_refusals_change_nothing(ctx: ServiceContext, admin: Pri
             .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Fleet CA")]))
             .public_key(x509.load_pem_x509_csr(csr.encode()).public_key())
             .serial_number(pki.new_serial())
-            .not_valid_before(NOW - dt.timedelta(minutes=1))
-            .not_valid_after(NOW + dt.timedelta(days=30))
+            .not_valid_before(now() - dt.timedelta(minutes=1))
+            .not_valid_after(now() + dt.timedelta(days=30))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         )
     # a fleet CA with pathLen 0 could never certify a factory CA
@@ -219,11 +220,11 @@ def test_server_never_reads_root_key(ctx: ServiceContext, admin: Principal,
     """Ceremony, factory, batch and issuance: the root key is nowhere the server can see."""
     root_dir = tmp_path / "offline-root"
     vault = tmp_path / "vault"
-    info = ceremony.init_root(root_dir, passphrase=ROOT_PASSPHRASE, now=NOW)
+    info = ceremony.init_root(root_dir, passphrase=ROOT_PASSPHRASE, now=now())
     with record_opened_files() as opened:
         csr = hierarchy.create_fleet_csr(ctx, admin, "Fleet CA")
     fleet_cert = ceremony.sign_ca_csr(root_dir, csr.encode(), passphrase=ROOT_PASSPHRASE,
-                                      now=NOW)
+                                      now=now())
     shutil.move(root_dir, vault)  # the root directory leaves: the server must not need it
     with record_opened_files() as opened_later:
         hierarchy.import_fleet_certificate(ctx, admin, pem_of(fleet_cert), pem_of(info.certificate))
@@ -322,7 +323,7 @@ def test_platform_factories_path_length_and_scoped_token(ctx: ServiceContext, ad
         assert created.ca.key_id is not None
         assert ctx.settings.keys_dir.joinpath(created.ca.key_id.split(":", 1)[1] + ".pem").exists()
         with ctx.transaction() as s:
-            who = authenticate(s, created.token, NOW)
+            who = authenticate(s, created.token, now())
         assert (who.role, who.factory_id) == ("factory", created.factory.id)
     # A factory credential cannot create factories.
     with pytest.raises(AuthorizationError) as exc:
@@ -361,6 +362,7 @@ def test_duplicate_and_bad_names_refused(ctx: ServiceContext, admin: Principal,
                                manufactured_on=dt.date(2026, 3, 1))
 
 
+@SQLITE_ONLY
 def test_factory_creation_failing_midway_leaves_no_key_and_no_rows(
     ctx: ServiceContext, admin: Principal, fleet: Hierarchy, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -402,7 +404,7 @@ def test_factory_name_race_leaves_no_orphan_key(ctx: ServiceContext, admin: Prin
         with ctx.transaction() as other:
             other.add(Factory(id="fac_racer", name="Contested", ca_id=fleet.fleet_ca_id,
                               batch_cas=False, key_location="platform", status="active",
-                              created_at=NOW))
+                              created_at=now()))
         racer_id.append("fac_racer")
         return signer
 
@@ -464,7 +466,7 @@ def test_external_factory_key_in_softhsm(ctx: ServiceContext, admin: Principal,
     profile = pki.DeviceProfile(token_signer, factory_ca, organization="fleettrust fleet",
                                 ocsp_url=None, ca_issuers_url=None)
     device = profile.issue(ec.generate_private_key(ec.SECP256R1()).public_key(),
-                           device_id="fab-0001", serial=pki.new_serial(), now=NOW,
+                           device_id="fab-0001", serial=pki.new_serial(), now=now(),
                            validity_days=365, batch_id="bat_x", manifest_sha256=bytes(32),
                            crl_url=None)
     openssl_verify(tmp_path, chain[-1], chain[:-1], pem_of(device), purpose="sslclient")
@@ -528,6 +530,7 @@ def test_factory_credential_cannot_act_on_another_factory(
 # --- batches -------------------------------------------------------------------------------------
 
 
+@SQLITE_ONLY
 def test_batch_ca_requires_batch_cas(ctx: ServiceContext, admin: Principal,
                                      fleet: Hierarchy) -> None:
     plain = hierarchy.create_factory(ctx, admin, name="No Batch CAs")
@@ -572,7 +575,7 @@ def test_batch_ca_chain_openssl_and_pkilint(ctx: ServiceContext, admin: Principa
                        purpose="sslclient")
         leaf = x509.load_pem_x509_certificate(res.devices[0].certificate_pem.encode())
         pki.verify_chain(leaf, [x509.load_pem_x509_certificate(c.encode())
-                                for c in res.chain_pem], fleet.root_cert, now=NOW)
+                                for c in res.chain_pem], fleet.root_cert, now=now())
 
     # pkilint: every profile the hierarchy produced, and every issuer/subject pair.
     root = res_own.root_pem

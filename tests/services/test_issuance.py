@@ -83,7 +83,7 @@ def tampered_csr() -> str:
 
 
 def rsa1024_csr() -> str:
-    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=1024)  # noqa: S505 (weak on purpose)
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "weak")]))
            .sign(key, hashes.SHA256()))
@@ -284,8 +284,9 @@ def test_hardware_id_already_registered_raises_finding(ctx: ServiceContext, flee
         # The original device has no finding of its own (it was first), and every identifier
         # of the new device is stored, normalised.
         assert s.scalars(select(Finding).where(Finding.device_id == "orig-1")).all() == []
-        idents = set(s.execute(select(HardwareIdentifier.kind, HardwareIdentifier.value).where(
-            HardwareIdentifier.device_id == "clone-1")).tuples())
+        idents = {(k, v) for k, v in s.execute(select(
+            HardwareIdentifier.kind, HardwareIdentifier.value).where(
+                HardwareIdentifier.device_id == "clone-1"))}
         assert idents == {("cpu_serial", "CPU-CLONE-1"), ("mac", "dc:a6:32:01:02:03"),
                           ("other:tpm_ek_serial", "0x77")}
         dev = s.get(Device, "clone-1")

@@ -19,7 +19,7 @@ from fleettrust.errors import AuthenticationError, FleetTrustError
 from fleettrust.services import hierarchy, shared_secret
 from fleettrust.services.auth import Principal
 from fleettrust.services.context import ServiceContext
-from fleettrust.storage.models import AuditEvent, Batch, Device, DeviceSession, Finding
+from fleettrust.storage.models import AuditEvent, Batch, Device, Finding
 from tests.api.test_api import (
     TestClient,
     assert_problem,
@@ -71,7 +71,7 @@ def ss(ctx: ServiceContext, factory: hierarchy.FactoryCreated) -> Any:
         yield SS(ctx, api, fac, batch["id"], batch["group_secret"], r.json()["device_ids"])
 
 
-def test_group_secret_is_shown_once_and_sealed(ss: SS) -> None:
+def check_group_secret_is_shown_once_and_sealed(ss: SS) -> None:
     assert len(ss.secret) >= 43  # 256 bits, URL-safe base64
     got = ss.api.get(f"/v1/batches/{ss.batch_id}", headers=ss.factory).json()
     assert got["auth_method"] == "shared_secret"
@@ -89,7 +89,7 @@ def test_group_secret_is_shown_once_and_sealed(ss: SS) -> None:
         ss.ctx.secret_box.open(sealed, b"bat_other")
 
 
-def test_devices_are_weak_shared_secret_identities(ss: SS) -> None:
+def check_devices_are_weak_shared_secret_identities(ss: SS) -> None:
     assert ss.devices[0] == "sensor-a"
     assert ss.devices[1].startswith("d-")
     for dev in ss.devices:
@@ -110,7 +110,7 @@ def test_device_key_is_hmac_of_the_group_secret() -> None:
                            hashlib.sha256).hexdigest()
 
 
-def test_challenge_response_over_http(ss: SS) -> None:
+def check_challenge_response_over_http(ss: SS) -> None:
     dev = ss.devices[0]
     nonce = ss.challenge(dev)
     mac = ss.mac(dev, nonce)
@@ -130,9 +130,10 @@ def test_challenge_response_over_http(ss: SS) -> None:
     assert_problem(ss.answer(dev, nonce, mac), 401, "nonce_replayed")
 
 
-def test_wrong_mac_burns_the_nonce_and_is_audited(ss: SS) -> None:
+def check_wrong_mac_burns_the_nonce_and_is_audited(ss: SS) -> None:
     dev = ss.devices[0]
     nonce = ss.challenge(dev)
+    sessions = table_counts(ss.ctx)["device_sessions"]
     assert_problem(ss.answer(dev, nonce, ss.mac(dev, nonce, secret="wrong")), 401,
                    "response_invalid")
     # the failed answer consumed the nonce: the right answer now counts as a replay
@@ -140,18 +141,18 @@ def test_wrong_mac_burns_the_nonce_and_is_audited(ss: SS) -> None:
     with ss.ctx.sessions() as s:
         failed = list(s.scalars(select(AuditEvent).where(
             AuditEvent.action == "device.auth_failed")))
-        assert s.scalars(select(DeviceSession)).first() is None
+    assert table_counts(ss.ctx)["device_sessions"] == sessions
     assert [(e.target_id, e.details["reason"]) for e in failed] == [(dev, "response_invalid")]
 
 
-def test_nonce_is_bound_to_its_device(ss: SS) -> None:
+def check_nonce_is_bound_to_its_device(ss: SS) -> None:
     a, b = ss.devices
     nonce = ss.challenge(a)
     assert_problem(ss.answer(b, nonce, ss.mac(b, nonce)), 401, "nonce_device_mismatch")
     assert_problem(ss.answer(a, nonce, ss.mac(a, nonce)), 401, "nonce_replayed")
 
 
-def test_unknown_device_gets_a_useless_nonce(ss: SS) -> None:
+def check_unknown_device_gets_a_useless_nonce(ss: SS) -> None:
     before = table_counts(ss.ctx)
     nonce = ss.challenge("no-such-device")
     assert_problem(ss.answer("no-such-device", nonce, ss.mac("no-such-device", nonce)), 401,
@@ -164,7 +165,7 @@ def test_unknown_device_gets_a_useless_nonce(ss: SS) -> None:
                        "response_malformed")
 
 
-def test_nonce_and_session_expire(ss: SS) -> None:
+def check_nonce_and_session_expire(ss: SS) -> None:
     clock = FixedClock(dt.datetime.now(dt.UTC))
     ss.ctx.clock = clock
     dev = ss.devices[1]
@@ -192,7 +193,7 @@ def test_nonce_and_session_expire(ss: SS) -> None:
     assert shared_secret.purge_expired(ss.ctx) >= 3
 
 
-def test_live_nonces_per_device_are_capped(ss: SS) -> None:
+def check_live_nonces_per_device_are_capped(ss: SS) -> None:
     dev = ss.devices[0]
     nonces = [ss.challenge(dev) for _ in range(shared_secret.MAX_LIVE_NONCES + 4)]
     assert shared_secret.count_live_nonces(ss.ctx, dev) == shared_secret.MAX_LIVE_NONCES
@@ -201,7 +202,7 @@ def test_live_nonces_per_device_are_capped(ss: SS) -> None:
     assert_problem(ss.answer(dev, nonces[0], ss.mac(dev, nonces[0])), 401, "nonce_unknown")
 
 
-def test_concurrent_answers_with_one_nonce(ss: SS) -> None:
+def check_concurrent_answers_with_one_nonce(ss: SS) -> None:
     dev = ss.devices[0]
     nonce = ss.challenge(dev)
     mac = ss.mac(dev, nonce)
@@ -224,7 +225,7 @@ def test_concurrent_answers_with_one_nonce(ss: SS) -> None:
     assert sorted(results) == ["nonce_replayed", "ok"]
 
 
-def test_inactive_device_gets_no_session(ss: SS) -> None:
+def check_inactive_device_gets_no_session(ss: SS) -> None:
     dev = ss.devices[0]
     with ss.ctx.transaction() as s:
         s.execute(update(Device).where(Device.id == dev).values(status="quarantined"))
@@ -232,7 +233,7 @@ def test_inactive_device_gets_no_session(ss: SS) -> None:
     assert_problem(ss.answer(dev, nonce, ss.mac(dev, nonce)), 403, "device_quarantined")
 
 
-def test_batch_kinds_do_not_mix(ss: SS, batch: hierarchy.BatchCreated,
+def check_batch_kinds_do_not_mix(ss: SS, batch: hierarchy.BatchCreated,
                                 factory_principal: Principal) -> None:
     before = table_counts(ss.ctx)
     assert_problem(ss.api.post(f"/v1/batches/{ss.batch_id}/devices", headers=ss.factory,
@@ -253,7 +254,7 @@ def test_batch_kinds_do_not_mix(ss: SS, batch: hierarchy.BatchCreated,
     assert info.value.status == 422
 
 
-def test_registration_is_all_or_nothing(ss: SS) -> None:
+def check_registration_is_all_or_nothing(ss: SS) -> None:
     url = f"/v1/batches/{ss.batch_id}/devices/register"
     before = table_counts(ss.ctx)
     m = manifest()
@@ -285,3 +286,28 @@ def test_registration_is_all_or_nothing(ss: SS) -> None:
         finding = s.scalars(select(Finding).where(Finding.device_id == "clone")).one()
     assert finding.kind == "hardware_id_conflict"
     assert finding.evidence["claimed_by"] == ["sensor-a", "clone"]
+
+
+# --- the tests: one shared-secret batch per group of checks (the fixtures are the slow part) ----
+
+
+def test_group_secret_and_registration(ss: SS, batch: hierarchy.BatchCreated,
+                                       factory_principal: Principal) -> None:
+    check_group_secret_is_shown_once_and_sealed(ss)
+    check_devices_are_weak_shared_secret_identities(ss)
+    check_batch_kinds_do_not_mix(ss, batch, factory_principal)
+    check_registration_is_all_or_nothing(ss)
+
+
+def test_challenge_response(ss: SS) -> None:
+    check_challenge_response_over_http(ss)
+    check_wrong_mac_burns_the_nonce_and_is_audited(ss)
+    check_nonce_is_bound_to_its_device(ss)
+    check_unknown_device_gets_a_useless_nonce(ss)
+    check_concurrent_answers_with_one_nonce(ss)
+    check_live_nonces_per_device_are_capped(ss)
+    check_inactive_device_gets_no_session(ss)
+
+
+def test_nonce_and_session_expire(ss: SS) -> None:
+    check_nonce_and_session_expire(ss)

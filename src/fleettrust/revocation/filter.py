@@ -218,6 +218,8 @@ def build_filter(include: Sequence[bytes], exclude: Sequence[bytes], salt: bytes
                 value, fp = a.retrieve(key, s)
                 if value == fp & mask:
                     b_keys.append(key)
+        else:  # no level A (mostly revoked): level B answers for the whole universe
+            b_keys.extend(exclude)
         b = _build_level(2, b_keys, [1] * len(include) + [0] * (len(b_keys) - len(include)),
                          1, s, spare)
         if b is not None:

@@ -11,6 +11,13 @@ Large syncs are applied chunk by chunk as they are read, so the first serials of
 batch revocation answer "revoked" before the last ones are read. Subscribers are called after
 each sync that found new events, with those events, from the thread that ran the sync.
 
+**Rules.** A large operation (a batch, a factory, a breach window) is in force from the commit of
+its decision, before its per-certificate rows are written (``services.revocation``). The index
+therefore also loads every decided revoke operation as a *rule* (revoked CAs, batches,
+factories, devices, windows of issuing CAs) and :meth:`RevocationIndex.check` answers for a
+certificate whose issuing CA, batch, factory and issuance time the caller knows (the gateway
+does). :meth:`status` answers from per-certificate rows only, which follow within seconds.
+
 Not here: deciding what to revoke (``services.revocation``), CRLs, OCSP, the device feed. The
 index holds only revoked / held serials; "good" and "unknown" (never issued) are not told apart
 (``status`` returns ``None`` for both): callers that need "unknown" look the certificate up.
@@ -28,6 +35,7 @@ from typing import Final
 
 from sqlalchemy import func, select
 
+from fleettrust.revocation.models import RevocationOperation
 from fleettrust.services.context import ServiceContext
 from fleettrust.storage.models import Revocation
 
@@ -37,12 +45,34 @@ _CHUNK: Final = 20_000
 
 @dataclass(frozen=True, slots=True)
 class CertStatus:
-    """Why a serial is not good: ``status`` is ``"revoked"`` or ``"hold"``."""
+    """Why a serial is not good: ``status`` is ``"revoked"`` or ``"hold"``.
+
+    ``seq`` is the log position of the entry; answers derived from a rule (:meth:`check`) have
+    ``seq == 0`` and the deciding ``operation_id``.
+    """
 
     status: str
     reason: str | None
     revoked_at: dt.datetime
     seq: int
+    operation_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RevocationRule:
+    """A decided revoke operation, as the index evaluates it (see the module docstring)."""
+
+    operation_id: str
+    op_seq: int
+    scope: str  # device | batch | factory | window
+    target_id: str
+    ca_ids: tuple[str, ...]  # every leaf issued by these CAs
+    batch_id: str | None  # every device of this batch (batches without their own CA)
+    factory_id: str | None  # every device of this factory
+    leaf_ca_ids: tuple[str, ...]  # window: leaves of these CAs issued in [after, before)
+    issued_after: dt.datetime | None
+    issued_before: dt.datetime | None
+    status: CertStatus
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +106,14 @@ class RevocationIndex:
         self._loaded = False
         self._lock = threading.Lock()
         self._subscribers: list[Callable[[list[RevocationEvent]], None]] = []
+        self._rule_subscribers: list[Callable[[list[RevocationRule]], None]] = []
+        self._last_op_seq = 0
+        self._rules: list[RevocationRule] = []
+        self._by_ca: dict[str, CertStatus] = {}
+        self._by_batch: dict[str, CertStatus] = {}
+        self._by_factory: dict[str, CertStatus] = {}
+        self._by_device: dict[str, CertStatus] = {}
+        self._windows: dict[str, list[RevocationRule]] = {}
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -84,9 +122,57 @@ class RevocationIndex:
         lower-case hex without leading zeros, as ``format(serial, "x")`` gives."""
         return self._entries.get(serial_hex)
 
+    def check(
+        self,
+        serial_hex: str | None,
+        *,
+        ca_id: str | None = None,
+        batch_id: str | None = None,
+        factory_id: str | None = None,
+        device_id: str | None = None,
+        issued_at: dt.datetime | None = None,
+    ) -> CertStatus | None:
+        """Status of one certificate from its own entry *and* every rule that covers it, in
+        O(1) (plus the few breach windows of its issuing CA). A revocation beats a hold.
+
+        Give whatever is known: ``ca_id`` (issuing CA), the device's ``batch_id``,
+        ``factory_id`` and ``device_id``, and ``issued_at`` (``certificates.created_at``).
+        ``serial_hex`` may be ``None`` for a device without certificate (shared secret).
+        """
+        entry = self._entries.get(serial_hex) if serial_hex is not None else None
+        if entry is not None and entry.status == "revoked":
+            return entry
+        rule: CertStatus | None = None
+        if ca_id is not None:
+            rule = self._by_ca.get(ca_id)
+            if rule is None and issued_at is not None:
+                for w in self._windows.get(ca_id, ()):
+                    if ((w.issued_after is None or issued_at >= w.issued_after)
+                            and (w.issued_before is None or issued_at < w.issued_before)):
+                        rule = w.status
+                        break
+        if rule is None and batch_id is not None:
+            rule = self._by_batch.get(batch_id)
+        if rule is None and factory_id is not None:
+            rule = self._by_factory.get(factory_id)
+        if rule is None and device_id is not None:
+            rule = self._by_device.get(device_id)
+        return rule or entry
+
+    def rules(self) -> list[RevocationRule]:
+        return list(self._rules)
+
+    def subscribe_rules(self, callback: Callable[[list[RevocationRule]], None]) -> None:
+        """``callback(new_rules)`` after each sync that loaded newly decided operations."""
+        self._rule_subscribers.append(callback)
+
     @property
     def last_seq(self) -> int:
         return self._last_seq
+
+    @property
+    def last_op_seq(self) -> int:
+        return self._last_op_seq
 
     @property
     def loaded(self) -> bool:
@@ -109,18 +195,29 @@ class RevocationIndex:
         with self._lock:
             self._entries = {}
             self._last_seq = 0
+            self._read_rules()
             self._read(collect=False)
             self._loaded = True
 
     def sync(self) -> list[RevocationEvent]:
-        """Apply and return every event with ``seq > last_seq`` (all of the log on first use)."""
+        """Apply and return every event with ``seq > last_seq`` (all of the log on first use).
+
+        Newly decided operations are loaded as rules first (and passed to rule subscribers).
+        """
         with self._lock:
+            rules = self._read_rules()
             if not self._loaded:
                 self._read(collect=False)
                 self._loaded = True
                 events: list[RevocationEvent] = []
             else:
                 events = self._read(collect=True)
+        if rules:
+            for rule_callback in list(self._rule_subscribers):
+                try:
+                    rule_callback(rules)
+                except Exception:
+                    log.exception("revocation rule subscriber %r failed", rule_callback)
         if events:
             for callback in list(self._subscribers):
                 try:
@@ -128,6 +225,43 @@ class RevocationIndex:
                 except Exception:
                     log.exception("revocation index subscriber %r failed", callback)
         return events
+
+    def _read_rules(self) -> list[RevocationRule]:
+        with self._ctx.sessions() as session:
+            ops = session.scalars(
+                select(RevocationOperation).where(
+                    RevocationOperation.seq > self._last_op_seq,
+                    RevocationOperation.action == "revoke")
+                .order_by(RevocationOperation.seq)).all()
+            if not ops:
+                return []
+            new_rules = [self._rule_of(op) for op in ops]
+        for rule in new_rules:
+            self._add_rule(rule)
+        self._last_op_seq = new_rules[-1].op_seq
+        return new_rules
+
+    @staticmethod
+    def _rule_of(op: RevocationOperation) -> RevocationRule:
+        status = CertStatus("revoked", op.reason, op.revoked_at, 0, op.id)
+        return RevocationRule(
+            operation_id=op.id, op_seq=op.seq, scope=op.scope, target_id=op.target_id,
+            ca_ids=tuple(op.ca_ids), batch_id=op.batch_id if not op.ca_ids else None,
+            factory_id=op.factory_id, leaf_ca_ids=tuple(op.leaf_ca_ids),
+            issued_after=op.issued_after, issued_before=op.issued_before, status=status)
+
+    def _add_rule(self, rule: RevocationRule) -> None:
+        self._rules.append(rule)
+        for ca in rule.ca_ids:
+            self._by_ca.setdefault(ca, rule.status)
+        if rule.batch_id is not None:
+            self._by_batch.setdefault(rule.batch_id, rule.status)
+        if rule.factory_id is not None:
+            self._by_factory.setdefault(rule.factory_id, rule.status)
+        if rule.scope == "device":
+            self._by_device.setdefault(rule.target_id, rule.status)
+        for ca in rule.leaf_ca_ids:
+            self._windows.setdefault(ca, []).append(rule)
 
     def _read(self, *, collect: bool) -> list[RevocationEvent]:
         collected: list[RevocationEvent] = []
@@ -178,4 +312,4 @@ async def follow(index: RevocationIndex, interval: float = 0.1) -> None:
         await asyncio.sleep(interval)
 
 
-__all__ = ["CertStatus", "RevocationEvent", "RevocationIndex", "follow"]
+__all__ = ["CertStatus", "RevocationEvent", "RevocationIndex", "RevocationRule", "follow"]

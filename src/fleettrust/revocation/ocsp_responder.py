@@ -460,9 +460,10 @@ class OcspResponder:
             resp = slot.current
             if resp is None or resp.stale_at <= _monotonic():
                 resp = self._fill(slot)
-            if resp.status == "unauthorized":
-                return resp
-            slot.hit = True
+                if resp.status == "unauthorized":
+                    return resp
+            else:
+                slot.hit = True
             if request.nonce is None:
                 self._alias(slot, post_key, get_key)
             return resp

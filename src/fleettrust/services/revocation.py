@@ -1,48 +1,64 @@
 """Revocation operations: one device, one batch, a whole factory, a breach window; hold/release.
 
-Each operation is **one transaction** made of a handful of set-based statements, whatever the
-number of certificates it covers (a 100,000-device batch is a few ``INSERT ... SELECT`` and
-``UPDATE ... WHERE`` statements, never a Python loop over rows):
+An operation has two parts (ADR 0008 explains why, with measurements):
+
+**The decision** — one transaction, a few statements whatever the number of certificates:
 
 1. Authorise (admin; auditors may only :func:`preview`) and validate every input before the
    database is touched (reason name, window bounds, ids).
-2. Take the revocation writer lock (``pg_advisory_xact_lock`` on PostgreSQL; SQLite serialises
-   writers with ``BEGIN IMMEDIATE`` already). With writers serialised, ``revocations.seq`` values
-   become visible in commit order, so a reader following ``seq > last`` never skips a row that
-   commits late (the revocation index and the device feed rely on it).
-3. Resolve the target (unknown ids are :class:`NotFoundError`, nothing written).
-4. Append one ``revocations`` row per certificate whose state changes (``INSERT ... SELECT``):
-   certificates already in the target state are not logged again, so repeating an operation
-   is a no-op (``newly_revoked == 0``). All rows share the operation id.
-5. Update the same certificates, the revoked CAs, batches, factories and devices (set-based).
-6. Append one ``status_changes`` row per affected device (``INSERT ... SELECT``): every server
-   process closes that device's open connections.
-7. One audit event for the operation (counts, operation id, seq range). Per-certificate audit
-   events (``certificate.revoked`` ...) are written only for single-device operations; for bulk
-   operations the ``revocations`` rows, joined by ``operation_id``, are the per-certificate
-   record.
+2. Finish writing any earlier operation (see below), so the counts of this one are exact.
+3. Take the decision lock and resolve the target (unknown ids: :class:`NotFoundError`, nothing
+   written). Count what the scope covers and what is not revoked yet (one ``SELECT``).
+4. Record the operation — its scope as data (``revocation_operations``) — and revoke the CA
+   certificates it covers, the CA, batch and factory rows (a handful of rows).
+5. One audit event with the counts and the operation id (plus one ``certificate.revoked`` event
+   per certificate for single-device operations).
+
+From the commit on the operation is in force: the revocation index answers "revoked" for every
+certificate in the scope (:meth:`RevocationIndex.check`), so the gateway refuses those devices
+and the CRLs list them, even before step 6 has written a row per certificate.
+
+**The per-certificate log** — step 6: one ``revocations`` row (a feed event with its ``seq``)
+per certificate whose state changes, the ``certificates`` and ``devices`` rows updated, and one
+``status_changes`` row per affected device, all by set-based ``INSERT ... SELECT`` /
+``UPDATE ... WHERE`` statements. An operation covering at most :data:`INLINE_LIMIT`
+certificates does this inside its decision transaction (so a device revocation is entirely one
+transaction); a larger one is written after the commit in chunks of :data:`CHUNK` certificates
+(one transaction each), by a background thread of the deciding process and, should that process
+die, by any process calling :func:`materialize_pending` (servers do so every second). Writing is
+idempotent: a chunk selects only certificates not yet in the target state, so a chunk repeated
+by a second process writes nothing, and repeating a whole operation is a no-op
+(``newly_revoked == 0``).
+
+Writers are serialised (``pg_advisory_xact_lock`` on PostgreSQL; SQLite serialises writers with
+``BEGIN IMMEDIATE``), so ``revocations.seq`` values become visible in commit order: a reader that
+follows ``seq > last`` never skips a row that commits late.
 
 What is covered:
 
-- ``revoke_device``: every device certificate of the device; device status ``revoked``.
-- ``revoke_batch``: every device certificate of the batch's devices, and the batch's own CA
-  certificate (if it has one) plus every leaf that CA issued; batch and devices ``revoked``.
-- ``revoke_factory`` (whole): every device of the factory, the factory CA and all its batch CAs
-  (and every leaf they issued); factory, its batches and devices ``revoked``.
-- ``revoke_factory`` with a window: only *device* certificates issued (``certificates.created_at``,
-  the instant fleettrust signed them) by the factory's CAs in ``[issued_after, issued_before)``;
-  no CA is revoked; a device becomes ``revoked`` only when it has no good certificate left.
-- ``suspend_device`` / ``release_device``: certificateHold on every good certificate of the device
-  / lift it (RFC 5280 removeFromCRL semantics: the entry leaves the CRLs and a delta CRL lists it
-  with reason removeFromCRL).
+- ``revoke_device``: every device certificate of the device; the device becomes ``revoked``.
+- ``revoke_batch``: every device certificate of the batch's devices; with a batch CA, that CA's
+  certificate and every leaf it issued. Batch and devices become ``revoked``.
+- ``revoke_factory`` (whole): the factory CA, all its batch CAs and every leaf they issued, and
+  every device of the factory; the factory, its batches and devices become ``revoked``.
+- ``revoke_factory`` with a window: only *device* certificates the factory's CAs issued
+  (``certificates.created_at``, the instant fleettrust signed them) in
+  ``[issued_after, issued_before)``; no CA is revoked; a device becomes ``revoked`` only when it
+  has no good certificate left.
+- ``suspend_device`` / ``release_device``: certificateHold on every good certificate of the
+  device / lift it (RFC 5280 removeFromCRL semantics: the entry leaves the complete CRLs and the
+  delta CRLs list it with reason removeFromCRL).
 
 Not here: CRL building and publication (``fleettrust.revocation``), enforcement (the gateway
-follows the revocation index), OCSP, the device feed.
+consults the revocation index), OCSP, the device feed.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -50,6 +66,7 @@ from sqlalchemy import (
     ColumnElement,
     String,
     and_,
+    case,
     exists,
     false,
     func,
@@ -62,8 +79,9 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Session
 
-from fleettrust.errors import NotFoundError, ValidationError
+from fleettrust.errors import ConflictError, NotFoundError, ValidationError
 from fleettrust.ids import new_id
+from fleettrust.revocation.models import RevocationOperation
 from fleettrust.services import audit
 from fleettrust.services.auth import Principal, require
 from fleettrust.services.context import ServiceContext
@@ -77,6 +95,8 @@ from fleettrust.storage.models import (
     StatusChange,
     UTCDateTime,
 )
+
+log = logging.getLogger("fleettrust.revocation")
 
 #: RFC 5280 §5.3.1 CRLReason names accepted from operators (``removeFromCRL`` is internal: it is
 #: what a release writes, and only delta CRLs carry it).
@@ -93,17 +113,28 @@ REASONS: Final = {
 }
 REMOVE_FROM_CRL: Final = "removeFromCRL"
 SCOPES: Final = ("device", "batch", "factory")
-#: Key of the PostgreSQL advisory lock serialising revocation writers (ASCII "ftrevoke").
+#: Operations covering at most this many certificates write their per-certificate rows in the
+#: decision transaction.
+INLINE_LIMIT: Final = 2_000
+#: Certificates per transaction when a large operation's rows are written after its decision.
+CHUNK: Final = 5_000
+#: PostgreSQL advisory lock keys: decisions ("ftdecide") and revocation-log writers
+#: ("ftrevoke"). Always taken in this order.
+DECISION_LOCK_KEY: Final = 0x6674_6465_6369_6465
 WRITER_LOCK_KEY: Final = 0x6674_7265_766F_6B65
 _FINAL_DEVICE_STATUSES: Final = ("revoked", "decommissioned")
 
 
 @dataclass(frozen=True)
 class RevocationResult:
-    """What one operation did. ``covered`` counts every certificate in the operation's scope
-    (leaves and CA certificates); ``newly_revoked`` those whose state this call changed (for a
-    suspension: put on hold; for a release: taken off hold). ``first_seq``/``last_seq`` bound the
-    ``revocations`` rows written (``None`` when nothing changed)."""
+    """What one operation did.
+
+    ``covered`` counts every certificate in the operation's scope (leaves and CA certificates);
+    ``newly_revoked`` those whose state this call changed (for a suspension: put on hold; for a
+    release: taken off hold). ``first_seq``/``last_seq`` bound the ``revocations`` rows the
+    operation wrote; they are ``None`` when nothing changed and for a large operation whose
+    per-certificate rows are still being written (:func:`operation_status` has them later).
+    """
 
     operation_id: str
     covered: int
@@ -123,27 +154,14 @@ class RevocationResult:
         }
 
 
-# --- scope resolution ---------------------------------------------------------------------------
+# --- validation ---------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Scope:
-    """The certificates and devices one operation acts on, as SQL expressions."""
-
-    kind: str  # device | batch | factory | window
-    target_id: str
-    leaves: ColumnElement[bool]  # WHERE clause over ``certificates`` selecting device certs
-    ca_ids: tuple[str, ...]  # CAs whose own certificates are revoked (and their rows)
-    devices: ColumnElement[bool] | None  # WHERE over ``devices`` (whole-device scopes)
-    batch_ids: ColumnElement[bool] | None  # WHERE over ``batches`` marked revoked
-    factory_id: str | None  # factory marked revoked
-
-
-def _check_reason(reason: str) -> str:
+def _check_reason(reason: object) -> str:
     if not isinstance(reason, str) or reason not in REASONS:
         raise ValidationError(
             f"unknown revocation reason {reason!r}; RFC 5280 reasons: "
-            f"{', '.join(sorted(REASONS))}",
+            f"{', '.join(sorted(REASONS - {'certificateHold'}))}",
             code="bad_reason",
         )
     if reason == "certificateHold":
@@ -156,293 +174,392 @@ def _check_reason(reason: str) -> str:
 
 
 def _check_window(
-    after: dt.datetime | None, before: dt.datetime | None
+    after: object, before: object
 ) -> tuple[dt.datetime | None, dt.datetime | None]:
     for name, value in (("issued_after", after), ("issued_before", before)):
         if value is not None and (not isinstance(value, dt.datetime) or value.tzinfo is None):
-            raise ValidationError(f"{name} must be a timezone-aware datetime", code="bad_window")
-    if after is not None and before is not None and after >= before:
+            raise ValidationError(f"{name} must be a timezone-aware date and time",
+                                  code="bad_window")
+    a = after.astimezone(dt.UTC) if isinstance(after, dt.datetime) else None
+    b = before.astimezone(dt.UTC) if isinstance(before, dt.datetime) else None
+    if a is not None and b is not None and a >= b:
         raise ValidationError(
-            f"issued_after ({after.isoformat()}) must be before issued_before"
-            f" ({before.isoformat()}): the window is [after, before)",
+            f"issued_after ({a.isoformat()}) must be before issued_before ({b.isoformat()}):"
+            " the window is [issued_after, issued_before)",
             code="bad_window",
         )
-    return (
-        after.astimezone(dt.UTC) if after is not None else None,
-        before.astimezone(dt.UTC) if before is not None else None,
+    return a, b
+
+
+def _check_id(value: object, what: str) -> str:
+    if not isinstance(value, str) or not 0 < len(value) <= 64:
+        raise NotFoundError(f"{what} {value!r} not found", code=f"{what}_not_found")
+    return value
+
+
+# --- scopes, as data (an operation row) and as SQL ----------------------------------------------
+
+
+def _new_op(scope: str, target_id: str, action: str, reason: str | None, now: dt.datetime,
+            principal: Principal) -> RevocationOperation:
+    return RevocationOperation(
+        id=new_id("rop"), scope=scope, target_id=target_id, action=action, reason=reason,
+        revoked_at=now, batch_id=None, factory_id=None, ca_ids=[], leaf_ca_ids=[],
+        issued_after=None, issued_before=None, covered=0, newly_revoked=0, state="pending",
+        first_seq=None, last_seq=None, actor=principal.actor, created_at=now, done_at=None,
     )
 
 
-def _device_scope(session: Session, device_id: str) -> _Scope:
-    if not isinstance(device_id, str) or session.get(Device, device_id) is None:
-        raise NotFoundError(f"device {device_id} not found", code="device_not_found")
-    return _Scope(
-        kind="device",
-        target_id=device_id,
-        leaves=and_(Certificate.kind == "device", Certificate.device_id == device_id),
-        ca_ids=(),
-        devices=Device.id == device_id,
-        batch_ids=None,
-        factory_id=None,
-    )
+def _resolve_device(session: Session, op: RevocationOperation) -> None:
+    if session.get(Device, op.target_id) is None:
+        raise NotFoundError(f"device {op.target_id} not found", code="device_not_found")
 
 
-def _batch_scope(session: Session, batch_id: str) -> _Scope:
-    batch = session.get(Batch, batch_id) if isinstance(batch_id, str) else None
+def _resolve_batch(session: Session, op: RevocationOperation) -> None:
+    batch = session.get(Batch, op.target_id)
     if batch is None:
-        raise NotFoundError(f"batch {batch_id} not found", code="batch_not_found")
-    in_batch = Certificate.device_id.in_(select(Device.id).where(Device.batch_id == batch_id))
-    leaves: ColumnElement[bool] = and_(Certificate.kind == "device", in_batch)
-    ca_ids: tuple[str, ...] = ()
+        raise NotFoundError(f"batch {op.target_id} not found", code="batch_not_found")
+    op.batch_id = batch.id
     if batch.own_ca:
-        ca_ids = (batch.ca_id,)
-        # Everything the batch CA issued is revoked with it (the CA certificate is revoked
-        # anyway; listing the leaves too serves clients that check only the leaf's CRL).
-        leaves = and_(Certificate.kind == "device",
-                      or_(in_batch, Certificate.ca_id == batch.ca_id))
-    return _Scope(
-        kind="batch",
-        target_id=batch_id,
-        leaves=leaves,
-        ca_ids=ca_ids,
-        devices=Device.batch_id == batch_id,
-        batch_ids=Batch.id == batch_id,
-        factory_id=None,
-    )
+        op.ca_ids = [batch.ca_id]
 
 
-def _factory_cas(session: Session, factory_id: str) -> list[str]:
-    return list(session.scalars(
+def _resolve_factory(session: Session, op: RevocationOperation) -> None:
+    factory = session.get(Factory, op.target_id)
+    if factory is None:
+        raise NotFoundError(f"factory {op.target_id} not found", code="factory_not_found")
+    ca_ids = list(session.scalars(
         select(CertificateAuthority.id).where(
-            CertificateAuthority.factory_id == factory_id,
+            CertificateAuthority.factory_id == factory.id,
             CertificateAuthority.kind.in_(("factory", "batch")),
         ).order_by(CertificateAuthority.kind.desc(), CertificateAuthority.id)
     ))
+    if factory.ca_id not in ca_ids:
+        ca_ids.insert(0, factory.ca_id)
+    if op.scope == "window":
+        op.leaf_ca_ids = ca_ids
+    else:
+        op.factory_id = factory.id
+        op.ca_ids = ca_ids
 
 
-def _factory_scope(
-    session: Session, factory_id: str, after: dt.datetime | None, before: dt.datetime | None
-) -> _Scope:
-    factory = session.get(Factory, factory_id) if isinstance(factory_id, str) else None
-    if factory is None:
-        raise NotFoundError(f"factory {factory_id} not found", code="factory_not_found")
-    ca_ids = _factory_cas(session, factory_id)
-    by_ca: ColumnElement[bool] = Certificate.ca_id.in_(ca_ids) if ca_ids else false()
-    if after is None and before is None:
-        in_factory = Certificate.device_id.in_(
-            select(Device.id).where(Device.factory_id == factory_id))
-        return _Scope(
-            kind="factory",
-            target_id=factory_id,
-            leaves=and_(Certificate.kind == "device", or_(in_factory, by_ca)),
-            ca_ids=tuple(ca_ids),
-            devices=Device.factory_id == factory_id,
-            batch_ids=Batch.factory_id == factory_id,
-            factory_id=factory_id,
-        )
-    conds = [Certificate.kind == "device", by_ca]
-    if after is not None:
-        conds.append(Certificate.created_at >= after)
-    if before is not None:
-        conds.append(Certificate.created_at < before)
-    return _Scope(
-        kind="window",
-        target_id=factory_id,
-        leaves=and_(*conds),
-        ca_ids=(),
-        devices=None,
-        batch_ids=None,
-        factory_id=None,
-    )
+def leaf_scope(op: RevocationOperation) -> ColumnElement[bool]:
+    """WHERE clause over ``certificates``: the device certificates ``op`` covers."""
+    is_device = Certificate.kind == "device"
+    if op.scope == "device":
+        return and_(is_device, Certificate.device_id == op.target_id)
+    if op.scope == "window":
+        conds = [is_device, Certificate.ca_id.in_(op.leaf_ca_ids) if op.leaf_ca_ids else false()]
+        if op.issued_after is not None:
+            conds.append(Certificate.created_at >= op.issued_after)
+        if op.issued_before is not None:
+            conds.append(Certificate.created_at < op.issued_before)
+        return and_(*conds)
+    if op.ca_ids:
+        # A batch with its own CA, or a factory: their devices' certificates were all issued by
+        # these CAs (renewal keeps the issuing CA), and everything the CAs issued is revoked.
+        return and_(is_device, Certificate.ca_id.in_(op.ca_ids))
+    if op.batch_id is not None:
+        return and_(is_device, Certificate.device_id.in_(
+            select(Device.id).where(Device.batch_id == op.batch_id)))
+    return false()
 
 
-def _ca_certs(scope: _Scope) -> ColumnElement[bool]:
-    if not scope.ca_ids:
+def ca_scope(op: RevocationOperation) -> ColumnElement[bool]:
+    """WHERE clause over ``certificates``: the CA certificates ``op`` revokes."""
+    if not op.ca_ids:
         return false()
-    return and_(Certificate.kind == "ca", Certificate.subject_ca_id.in_(scope.ca_ids))
+    return and_(Certificate.kind == "ca", Certificate.subject_ca_id.in_(op.ca_ids))
 
 
-def _in_scope(scope: _Scope) -> ColumnElement[bool]:
-    return or_(scope.leaves, _ca_certs(scope)) if scope.ca_ids else scope.leaves
+def device_scope(op: RevocationOperation) -> ColumnElement[bool] | None:
+    """WHERE clause over ``devices`` for operations that revoke whole devices (else ``None``)."""
+    if op.scope == "device":
+        return Device.id == op.target_id
+    if op.scope == "batch":
+        return Device.batch_id == op.batch_id
+    if op.scope == "factory":
+        return Device.factory_id == op.factory_id
+    return None
 
 
-# --- the writer --------------------------------------------------------------------------------
+# --- the writers --------------------------------------------------------------------------------
 
 
-def _lock(session: Session) -> None:
-    """Serialise revocation writers (step 2 of the module docstring)."""
+def _lock(session: Session, key: int) -> None:
     if session.get_bind().dialect.name == "postgresql":
-        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": WRITER_LOCK_KEY})
+        session.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": key})
 
 
 def _max_seq(session: Session) -> int:
     return int(session.scalar(select(func.max(Revocation.seq))) or 0)
 
 
-def _log_and_update(
-    session: Session,
-    where: ColumnElement[bool],
-    *,
-    action: str,
-    new_status: str,
-    reason: str | None,
-    now: dt.datetime,
-    operation_id: str,
-) -> int:
-    """Append a ``revocations`` row for every certificate matching ``where`` and give those
-    certificates ``new_status``; return how many. Two statements, no row loop."""
+def _target_status(action: str) -> tuple[str, ColumnElement[bool]]:
+    """(new certificate status, WHERE over certificates that still need the change)."""
+    if action == "revoke":
+        return "revoked", Certificate.status != "revoked"
+    if action == "hold":
+        return "hold", Certificate.status == "good"
+    return "good", Certificate.status == "hold"
+
+
+def _log_and_update(session: Session, op: RevocationOperation, where: ColumnElement[bool],
+                    limit: int | None = None) -> int:
+    """Append a ``revocations`` row for every certificate matching ``where`` (at most ``limit``)
+    and give those certificates the operation's state; return how many. Three statements."""
+    new_status, pending = _target_status(op.action)
+    cond = and_(where, pending)
+    if limit is not None:
+        cond = Certificate.serial_hex.in_(
+            select(Certificate.serial_hex).where(cond).limit(limit).scalar_subquery())
+    before = _max_seq(session)
     rows = select(
-        Certificate.serial_hex,
-        Certificate.ca_id,
-        Certificate.device_id,
-        Certificate.kind,
-        literal(action, String()),
-        literal(reason, String()),
-        literal(now, UTCDateTime()),
-        literal(operation_id, String()),
-    ).where(where)
-    session.execute(
-        insert(Revocation).from_select(
-            ["serial_hex", "ca_id", "device_id", "kind", "action", "reason", "revoked_at",
-             "operation_id"],
-            rows,
-        )
-    )
+        Certificate.serial_hex, Certificate.ca_id, Certificate.device_id, Certificate.kind,
+        literal(op.action, String()), literal(op.reason, String()),
+        literal(op.revoked_at, UTCDateTime()), literal(op.id, String()),
+    ).where(cond)
+    result = session.execute(insert(Revocation).from_select(
+        ["serial_hex", "ca_id", "device_id", "kind", "action", "reason", "revoked_at",
+         "operation_id"], rows))
+    n = int(result.rowcount)  # type: ignore[attr-defined]
+    if n <= 0:
+        return 0
     values: dict[str, Any] = {"status": new_status}
     if new_status == "good":
         values.update(revoked_at=None, revocation_reason=None)
     else:
-        values.update(revoked_at=now, revocation_reason=reason)
-    result = session.execute(
-        update(Certificate).where(where).values(**values).execution_options(
-            synchronize_session=False)
-    )
-    return int(result.rowcount)  # type: ignore[attr-defined]
+        values.update(revoked_at=op.revoked_at, revocation_reason=op.reason)
+    session.execute(
+        update(Certificate)
+        .where(Certificate.serial_hex.in_(
+            select(Revocation.serial_hex).where(Revocation.seq > before).scalar_subquery()))
+        .values(**values).execution_options(synchronize_session=False))
+    if op.action == "revoke":
+        _revoke_touched_devices(session, op, before)
+    return n
 
 
-def _seq_range(session: Session, before: int) -> tuple[int | None, int | None]:
+def _revoke_touched_devices(session: Session, op: RevocationOperation, before: int) -> None:
+    """Devices with a certificate revoked since ``before``: mark them revoked (whole-device
+    scopes; a window only when no good certificate is left) and log one status change each."""
+    touched = Device.id.in_(
+        select(Revocation.device_id)
+        .where(Revocation.seq > before, Revocation.device_id.is_not(None)).scalar_subquery())
+    live = and_(touched, Device.status.not_in(_FINAL_DEVICE_STATUSES))
+    if op.scope == "window":
+        live = and_(live, ~exists().where(Certificate.device_id == Device.id,
+                                          Certificate.status == "good"))
+    session.execute(update(Device).where(live)
+                    .values(status="revoked", status_reason=_status_reason(op))
+                    .execution_options(synchronize_session=False))
+    session.execute(insert(StatusChange).from_select(
+        ["device_id", "serial_hex", "status", "reason", "created_at"],
+        select(Device.id, literal(None, String()),
+               case((Device.status == "revoked", "revoked"), else_="cert_revoked"),
+               literal(_status_reason(op), String()), literal(op.revoked_at, UTCDateTime()))
+        .where(touched)))
+
+
+def _status_reason(op: RevocationOperation) -> str:
+    return f"revoked: {op.reason} ({op.id})"
+
+
+def _finish(session: Session, op: RevocationOperation, now: dt.datetime) -> None:
+    """Last step of writing an operation: devices without certificates in a whole-device scope
+    (shared-secret devices), then the operation's seq range."""
+    devices = device_scope(op)
+    if op.action == "revoke" and devices is not None:
+        live = and_(devices, Device.status.not_in(_FINAL_DEVICE_STATUSES))
+        session.execute(insert(StatusChange).from_select(
+            ["device_id", "serial_hex", "status", "reason", "created_at"],
+            select(Device.id, literal(None, String()), literal("revoked", String()),
+                   literal(_status_reason(op), String()), literal(op.revoked_at, UTCDateTime()))
+            .where(live)))
+        session.execute(update(Device).where(live)
+                        .values(status="revoked", status_reason=_status_reason(op))
+                        .execution_options(synchronize_session=False))
     lo, hi = session.execute(
-        select(func.min(Revocation.seq), func.max(Revocation.seq)).where(Revocation.seq > before)
-    ).one()
-    return (int(lo) if lo is not None else None, int(hi) if hi is not None else None)
+        select(func.min(Revocation.seq), func.max(Revocation.seq))
+        .where(Revocation.operation_id == op.id)).one()
+    op.first_seq = int(lo) if lo is not None else None
+    op.last_seq = int(hi) if hi is not None else None
+    op.state = "done"
+    op.done_at = now
 
 
-def _status_changes_from_devices(
-    session: Session, where: ColumnElement[bool], status: str, reason: str, now: dt.datetime
-) -> None:
-    session.execute(
-        insert(StatusChange).from_select(
-            ["device_id", "serial_hex", "status", "reason", "created_at"],
-            select(Device.id, literal(None, String()), literal(status, String()),
-                   literal(reason, String()), literal(now, UTCDateTime())).where(where),
-        )
-    )
-
-
-def _status_changes_from_log(
-    session: Session, after_seq: int, status: str, reason: str, now: dt.datetime
-) -> None:
-    """One ``status_changes`` row per device that has a ``revocations`` row after ``after_seq``
-    (rows of this operation: writers are serialised)."""
-    session.execute(
-        insert(StatusChange).from_select(
-            ["device_id", "serial_hex", "status", "reason", "created_at"],
-            select(Revocation.device_id, literal(None, String()), literal(status, String()),
-                   literal(reason, String()), literal(now, UTCDateTime()))
-            .where(Revocation.seq > after_seq, Revocation.device_id.is_not(None))
-            .group_by(Revocation.device_id),
-        )
-    )
-
-
-def _count(session: Session, where: ColumnElement[bool]) -> int:
-    return int(session.scalar(select(func.count()).select_from(Certificate).where(where)) or 0)
-
-
-def _revoke(
-    ctx: ServiceContext, principal: Principal, resolve: Any, reason: str, extra: dict[str, Any]
-) -> RevocationResult:
-    now = ctx.clock.now()
-    operation_id = new_id("rop")
+def _materialize_chunk(ctx: ServiceContext, op_id: str) -> bool:
+    """Write up to :data:`CHUNK` certificates of a pending operation; True when it is done."""
     with ctx.transaction() as session:
-        _lock(session)  # Step 2
-        scope: _Scope = resolve(session)  # Step 3
-        before = _max_seq(session)
-        covered = _count(session, _in_scope(scope))
-        not_revoked = Certificate.status != "revoked"
-        # Step 4 + 5: log and revoke leaves and CA certificates in two statements each.
-        newly = _log_and_update(session, and_(_in_scope(scope), not_revoked), action="revoke",
-                                new_status="revoked", reason=reason, now=now,
-                                operation_id=operation_id)
-        ca_ids_revoked: list[str] = []
-        if scope.ca_ids:
-            ca_ids_revoked = list(session.scalars(
-                select(CertificateAuthority.id).where(
-                    CertificateAuthority.id.in_(scope.ca_ids),
-                    CertificateAuthority.status != "revoked",
-                ).order_by(CertificateAuthority.id)
-            ))
-            session.execute(
-                update(CertificateAuthority).where(CertificateAuthority.id.in_(ca_ids_revoked))
-                .values(status="revoked").execution_options(synchronize_session=False)
-            )
-        if scope.batch_ids is not None:
-            session.execute(update(Batch).where(scope.batch_ids, Batch.status != "revoked")
-                            .values(status="revoked")
-                            .execution_options(synchronize_session=False))
-        if scope.factory_id is not None:
-            session.execute(update(Factory).where(Factory.id == scope.factory_id,
-                                                  Factory.status != "revoked")
-                            .values(status="revoked")
-                            .execution_options(synchronize_session=False))
-        # Step 5/6: devices. Whole-device scopes revoke every device in scope (shared-secret
-        # devices have no certificate but are revoked too); a window revokes a device only when
-        # none of its certificates is good any more.
-        status_reason = f"revoked: {reason} ({operation_id})"
-        if scope.devices is not None:
-            live = and_(scope.devices, Device.status.not_in(_FINAL_DEVICE_STATUSES))
-            _status_changes_from_devices(session, live, "revoked", status_reason, now)
-            session.execute(update(Device).where(live)
-                            .values(status="revoked", status_reason=status_reason)
-                            .execution_options(synchronize_session=False))
-        elif newly:
-            _status_changes_from_log(session, before, "cert_revoked", status_reason, now)
-            touched = Device.id.in_(
-                select(Revocation.device_id).where(Revocation.seq > before,
-                                                   Revocation.device_id.is_not(None)))
-            has_good = exists().where(Certificate.device_id == Device.id,
-                                      Certificate.status == "good")
-            session.execute(update(Device).where(
-                touched, Device.status.not_in(_FINAL_DEVICE_STATUSES), ~has_good)
-                .values(status="revoked", status_reason=status_reason)
-                .execution_options(synchronize_session=False))
-        first_seq, last_seq = _seq_range(session, before) if newly else (None, None)
-        # Step 7: audit.
-        if scope.kind == "device" and newly:
-            _per_certificate_audit(session, principal, "certificate.revoked", before, now,
-                                   operation_id)
-        audit.record(
-            session, principal, f"revocation.{scope.kind}", scope.kind if scope.kind != "window"
-            else "factory", scope.target_id, now,
-            operation_id=operation_id, reason=reason, covered=covered, newly_revoked=newly,
-            ca_ids_revoked=ca_ids_revoked, first_seq=first_seq, last_seq=last_seq, **extra,
-        )
-    return RevocationResult(operation_id, covered, newly, ca_ids_revoked, first_seq, last_seq)
+        _lock(session, WRITER_LOCK_KEY)
+        op = session.scalars(
+            select(RevocationOperation).where(RevocationOperation.id == op_id)).one()
+        if op.state == "done":
+            return True
+        n = _log_and_update(session, op, leaf_scope(op), limit=CHUNK)
+        if n < CHUNK:
+            _finish(session, op, ctx.clock.now())
+            return True
+        return False
 
 
-def _per_certificate_audit(
-    session: Session, principal: Principal, action: str, after_seq: int, now: dt.datetime,
-    operation_id: str,
-) -> None:
-    rows = session.execute(
-        select(Revocation.serial_hex, Revocation.device_id, Revocation.ca_id, Revocation.reason)
-        .where(Revocation.seq > after_seq).order_by(Revocation.seq)
-    ).all()
-    audit.record_many(session, principal, action, "certificate", now, (
-        (serial, {"device_id": device_id, "ca_id": ca_id, "reason": reason,
-                  "operation_id": operation_id})
-        for serial, device_id, ca_id, reason in rows
-    ))
+def materialize(ctx: ServiceContext, operation_id: str) -> None:
+    """Write every per-certificate row of a decided operation (idempotent, resumable)."""
+    while not _materialize_chunk(ctx, operation_id):
+        pass
+
+
+def materialize_pending(ctx: ServiceContext) -> int:
+    """Finish every operation whose per-certificate rows are not all written; return how many.
+
+    Safe to call from several threads and processes at once.
+    """
+    done = 0
+    while True:
+        with ctx.sessions() as session:
+            pending = list(session.scalars(
+                select(RevocationOperation.id).where(RevocationOperation.state == "pending")
+                .order_by(RevocationOperation.seq)))
+        if not pending:
+            return done
+        for op_id in pending:
+            materialize(ctx, op_id)
+            done += 1
+
+
+class _Kicker:
+    """One background writer thread per service context (step 6 after the decision)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._threads: dict[int, threading.Thread] = {}
+        self._again: set[int] = set()
+
+    def kick(self, ctx: ServiceContext) -> None:
+        key = id(ctx)
+        with self._lock:
+            thread = self._threads.get(key)
+            if thread is not None and thread.is_alive():
+                self._again.add(key)
+                return
+            thread = threading.Thread(target=self._run, args=(ctx,), daemon=True,
+                                      name="revocation-writer")
+            self._threads[key] = thread
+        thread.start()
+
+    def _run(self, ctx: ServiceContext) -> None:
+        key = id(ctx)
+        while True:
+            try:
+                materialize_pending(ctx)
+            except Exception:
+                log.exception("writing revocation rows failed; a later run resumes")
+            with self._lock:
+                if key not in self._again:
+                    self._threads.pop(key, None)
+                    return
+                self._again.discard(key)
+
+
+_kicker = _Kicker()
+
+
+def _has_pending(session: Session) -> bool:
+    return session.scalar(select(RevocationOperation.seq).where(
+        RevocationOperation.state == "pending").limit(1)) is not None
+
+
+def _decide(
+    ctx: ServiceContext,
+    principal: Principal,
+    make_op: Callable[[dt.datetime], RevocationOperation],
+    resolve: Callable[[Session, RevocationOperation], None],
+    extra: dict[str, Any],
+) -> RevocationResult:
+    for _ in range(20):
+        materialize_pending(ctx)  # Step 2: earlier operations first, so counts are exact
+        now = ctx.clock.now()
+        with ctx.transaction() as session:
+            _lock(session, DECISION_LOCK_KEY)  # Step 3
+            if _has_pending(session):  # another decision slipped in: write it first
+                continue
+            op = make_op(now)
+            resolve(session, op)
+            result = _decide_in(session, principal, op, extra)
+        if op.state == "pending":
+            _kicker.kick(ctx)
+        return result
+    raise ConflictError("too many concurrent revocation operations; retry",
+                        code="revocation_busy")
+
+
+def _decide_in(session: Session, principal: Principal, op: RevocationOperation,
+               extra: dict[str, Any]) -> RevocationResult:
+    leaves, cas = leaf_scope(op), ca_scope(op)
+    _, pending = _target_status(op.action)
+    in_scope = or_(leaves, cas) if op.ca_ids else leaves
+    if op.action != "revoke":  # hold / release never touch revoked certificates
+        in_scope = and_(in_scope, Certificate.status != "revoked")
+    covered, changing = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((pending, 1), else_=0)), 0))
+        .select_from(Certificate).where(in_scope)).one()
+    op.covered, op.newly_revoked = int(covered), int(changing)
+    session.add(op)
+    session.flush()
+    # Step 4: the CA certificates and rows (a handful), written now whatever the size.
+    _lock(session, WRITER_LOCK_KEY)
+    ca_ids_revoked: list[str] = []
+    if op.ca_ids:
+        _log_and_update(session, op, cas)
+        ca_ids_revoked = list(session.scalars(
+            select(CertificateAuthority.id).where(CertificateAuthority.id.in_(op.ca_ids),
+                                                  CertificateAuthority.status != "revoked")
+            .order_by(CertificateAuthority.id)))
+        session.execute(update(CertificateAuthority)
+                        .where(CertificateAuthority.id.in_(ca_ids_revoked))
+                        .values(status="revoked").execution_options(synchronize_session=False))
+    if op.action == "revoke" and op.scope == "batch":
+        session.execute(update(Batch).where(Batch.id == op.batch_id, Batch.status != "revoked")
+                        .values(status="revoked").execution_options(synchronize_session=False))
+    if op.action == "revoke" and op.scope == "factory":
+        session.execute(update(Batch).where(Batch.factory_id == op.factory_id,
+                                            Batch.status != "revoked")
+                        .values(status="revoked").execution_options(synchronize_session=False))
+        session.execute(update(Factory).where(Factory.id == op.factory_id,
+                                              Factory.status != "revoked")
+                        .values(status="revoked").execution_options(synchronize_session=False))
+    before = _max_seq(session)
+    # Step 6 inline for small operations.
+    if op.newly_revoked <= INLINE_LIMIT:
+        _log_and_update(session, op, leaves)
+        _finish(session, op, op.revoked_at)
+    _step_audit(session, principal, op, before, ca_ids_revoked, extra)
+    return RevocationResult(op.id, op.covered, op.newly_revoked, ca_ids_revoked,
+                            op.first_seq, op.last_seq)
+
+
+def _step_audit(session: Session, principal: Principal, op: RevocationOperation, before: int,
+                ca_ids_revoked: list[str], extra: dict[str, Any]) -> None:
+    """Step 5: one event for the operation; per-certificate events for one device."""
+    if op.scope == "device" and op.state == "done":
+        action = {"revoke": "certificate.revoked", "hold": "certificate.hold",
+                  "release": "certificate.released"}[op.action]
+        rows = session.execute(
+            select(Revocation.serial_hex, Revocation.device_id, Revocation.ca_id,
+                   Revocation.reason)
+            .where(Revocation.seq > before, Revocation.operation_id == op.id)
+            .order_by(Revocation.seq)).all()
+        audit.record_many(session, principal, action, "certificate", op.revoked_at, (
+            (serial, {"device_id": device_id, "ca_id": ca_id, "reason": reason,
+                      "operation_id": op.id})
+            for serial, device_id, ca_id, reason in rows))
+    name = {"revoke": f"revocation.{op.scope}", "hold": "revocation.suspend",
+            "release": "revocation.release"}[op.action]
+    audit.record(
+        session, principal, name, "factory" if op.scope == "window" else op.scope,
+        op.target_id, op.revoked_at, operation_id=op.id, reason=op.reason, covered=op.covered,
+        newly_revoked=op.newly_revoked, ca_ids_revoked=ca_ids_revoked,
+        first_seq=op.first_seq, last_seq=op.last_seq, written=op.state, **extra)
 
 
 # --- public operations -------------------------------------------------------------------------
@@ -454,7 +571,10 @@ def revoke_device(
     """Revoke every certificate of one device and mark the device revoked."""
     require(principal, "admin")
     _check_reason(reason)
-    return _revoke(ctx, principal, lambda s: _device_scope(s, device_id), reason, {})
+    target = _check_id(device_id, "device")
+    return _decide(ctx, principal,
+                   lambda now: _new_op("device", target, "revoke", reason, now, principal),
+                   _resolve_device, {})
 
 
 def revoke_batch(
@@ -463,7 +583,10 @@ def revoke_batch(
     """Revoke every certificate of a batch's devices (and the batch CA if the batch has one)."""
     require(principal, "admin")
     _check_reason(reason)
-    return _revoke(ctx, principal, lambda s: _batch_scope(s, batch_id), reason, {})
+    target = _check_id(batch_id, "batch")
+    return _decide(ctx, principal,
+                   lambda now: _new_op("batch", target, "revoke", reason, now, principal),
+                   _resolve_batch, {})
 
 
 def revoke_factory(
@@ -479,66 +602,58 @@ def revoke_factory(
     require(principal, "admin")
     _check_reason(reason)
     after, before = _check_window(issued_after, issued_before)
+    target = _check_id(factory_id, "factory")
+    window = after is not None or before is not None
+
+    def make(now: dt.datetime) -> RevocationOperation:
+        op = _new_op("window" if window else "factory", target, "revoke", reason, now,
+                     principal)
+        op.issued_after, op.issued_before = after, before
+        return op
+
     extra: dict[str, Any] = {}
-    if after is not None or before is not None:
+    if window:
         extra = {"issued_after": after.isoformat() if after else None,
                  "issued_before": before.isoformat() if before else None}
-    return _revoke(ctx, principal, lambda s: _factory_scope(s, factory_id, after, before),
-                   reason, extra)
+    return _decide(ctx, principal, make, _resolve_factory, extra)
 
 
 def suspend_device(ctx: ServiceContext, principal: Principal, device_id: str) -> RevocationResult:
     """Put every good certificate of a device on hold (certificateHold); an active device
     becomes ``suspended`` (a quarantined one stays quarantined: the hold refuses it anyway)."""
     require(principal, "admin")
-    return _hold_or_release(ctx, principal, device_id, hold=True)
+    return _hold_or_release(ctx, principal, _check_id(device_id, "device"), hold=True)
 
 
 def release_device(ctx: ServiceContext, principal: Principal, device_id: str) -> RevocationResult:
     """Lift the hold of every held certificate of a device (removeFromCRL); a ``suspended``
     device becomes ``active`` again. Revoked certificates stay revoked."""
     require(principal, "admin")
-    return _hold_or_release(ctx, principal, device_id, hold=False)
+    return _hold_or_release(ctx, principal, _check_id(device_id, "device"), hold=False)
 
 
-def _hold_or_release(
-    ctx: ServiceContext, principal: Principal, device_id: str, *, hold: bool
-) -> RevocationResult:
-    now = ctx.clock.now()
-    operation_id = new_id("rop")
+def _hold_or_release(ctx: ServiceContext, principal: Principal, device_id: str, *,
+                     hold: bool) -> RevocationResult:
     action, reason = ("hold", "certificateHold") if hold else ("release", REMOVE_FROM_CRL)
-    with ctx.transaction() as session:
-        _lock(session)
-        scope = _device_scope(session, device_id)
+
+    def resolve(session: Session, op: RevocationOperation) -> None:
         device = session.get(Device, device_id)
-        assert device is not None
-        before = _max_seq(session)
-        covered = _count(session, and_(scope.leaves, Certificate.status != "revoked"))
-        changed = _log_and_update(
-            session, and_(scope.leaves, Certificate.status == ("good" if hold else "hold")),
-            action=action, new_status="hold" if hold else "good", reason=reason, now=now,
-            operation_id=operation_id,
-        )
+        if device is None:
+            raise NotFoundError(f"device {device_id} not found", code="device_not_found")
         previous = device.status
         if hold and device.status == "active":
-            device.status, device.status_reason = "suspended", f"certificateHold ({operation_id})"
+            device.status, device.status_reason = "suspended", f"certificateHold ({op.id})"
         elif not hold and device.status == "suspended":
             device.status, device.status_reason = "active", None
+        changed = session.scalar(select(func.count()).select_from(Certificate).where(
+            leaf_scope(op), _target_status(op.action)[1]))
         if changed or previous != device.status:
-            session.add(StatusChange(device_id=device_id, serial_hex=None,
-                                     status=device.status, reason=reason, created_at=now))
-        first_seq, last_seq = _seq_range(session, before) if changed else (None, None)
-        if changed:
-            _per_certificate_audit(session, principal,
-                                   "certificate.hold" if hold else "certificate.released",
-                                   before, now, operation_id)
-        audit.record(
-            session, principal, "revocation.suspend" if hold else "revocation.release",
-            "device", device_id, now, operation_id=operation_id, covered=covered,
-            newly_revoked=changed, first_seq=first_seq, last_seq=last_seq,
-            previous_status=previous, status=device.status,
-        )
-    return RevocationResult(operation_id, covered, changed, [], first_seq, last_seq)
+            session.add(StatusChange(device_id=device_id, serial_hex=None, status=device.status,
+                                     reason=reason, created_at=op.revoked_at))
+
+    return _decide(ctx, principal,
+                   lambda now: _new_op("device", device_id, action, reason, now, principal),
+                   resolve, {})
 
 
 def preview(
@@ -558,72 +673,113 @@ def preview(
     if scope not in SCOPES:
         raise ValidationError(f"scope must be one of {', '.join(SCOPES)}", code="bad_scope")
     after, before = _check_window(issued_after, issued_before)
-    if scope != "factory" and (after is not None or before is not None):
+    window = after is not None or before is not None
+    if scope != "factory" and window:
         raise ValidationError("an issuance window applies to factory revocations only",
                               code="bad_window")
+    target = _check_id(target_id, scope)
+    now = ctx.clock.now()
+    op = _new_op("window" if window else scope, target, "revoke", None, now, principal)
+    op.issued_after, op.issued_before = after, before
+    resolvers = {"device": _resolve_device, "batch": _resolve_batch,
+                 "factory": _resolve_factory}
     with ctx.sessions() as session:
-        if scope == "device":
-            sc = _device_scope(session, target_id)
-        elif scope == "batch":
-            sc = _batch_scope(session, target_id)
-        else:
-            sc = _factory_scope(session, target_id, after, before)
-        where = _in_scope(sc)
-        by_status = dict(session.execute(
-            select(Certificate.status, func.count()).where(where).group_by(Certificate.status)
-        ).all())
-        covered = sum(int(v) for v in by_status.values())
+        resolvers[scope](session, op)
+        leaves = leaf_scope(op)
+        where = or_(leaves, ca_scope(op)) if op.ca_ids else leaves
+        by_status = {str(k): int(v) for k, v in session.execute(
+            select(Certificate.status, func.count()).where(where)
+            .group_by(Certificate.status)).all()}
+        # Operations decided but not fully written yet: their certificates count as revoked.
+        pending_ops = session.scalars(select(RevocationOperation).where(
+            RevocationOperation.state == "pending", RevocationOperation.action == "revoke")).all()
+        if pending_ops:
+            decided = int(session.scalar(select(func.count()).select_from(Certificate).where(
+                where, Certificate.status != "revoked",
+                or_(*[leaf_scope(p) for p in pending_ops]))) or 0)
+            by_status["revoked"] = by_status.get("revoked", 0) + decided
         ca_ids: list[str] = []
-        if sc.ca_ids:
+        if op.ca_ids:
             ca_ids = list(session.scalars(select(CertificateAuthority.id).where(
-                CertificateAuthority.id.in_(sc.ca_ids), CertificateAuthority.status != "revoked"
+                CertificateAuthority.id.in_(op.ca_ids), CertificateAuthority.status != "revoked"
             ).order_by(CertificateAuthority.id)))
-        if sc.devices is not None:
+        devices_where = device_scope(op)
+        if devices_where is not None:
             devices = int(session.scalar(select(func.count()).select_from(Device).where(
-                sc.devices, Device.status.not_in(_FINAL_DEVICE_STATUSES))) or 0)
+                devices_where, Device.status.not_in(_FINAL_DEVICE_STATUSES))) or 0)
         else:
             devices = int(session.scalar(
                 select(func.count(func.distinct(Certificate.device_id))).where(
-                    where, Certificate.status != "revoked")) or 0)
+                    leaves, Certificate.status != "revoked")) or 0)
+    covered = sum(by_status.values())
+    already = by_status.get("revoked", 0)
     return {
-        "scope": "window" if sc.kind == "window" else scope,
-        "target_id": target_id,
+        "scope": op.scope,
+        "target_id": target,
         "issued_after": after.isoformat() if after else None,
         "issued_before": before.isoformat() if before else None,
         "covered": covered,
-        "already_revoked": int(by_status.get("revoked", 0)),
-        "on_hold": int(by_status.get("hold", 0)),
-        "would_revoke": covered - int(by_status.get("revoked", 0)),
+        "already_revoked": already,
+        "on_hold": by_status.get("hold", 0),
+        "would_revoke": covered - already,
         "devices": devices,
         "ca_ids": ca_ids,
     }
 
 
-def revocation_log(
-    ctx: ServiceContext, principal: Principal, operation_id: str, limit: int = 1000
-) -> list[dict[str, Any]]:
-    """The ``revocations`` rows one operation wrote (first ``limit``), for operators."""
+def operation_status(ctx: ServiceContext, principal: Principal,
+                     operation_id: str) -> dict[str, Any]:
+    """One operation: its scope, counts, and whether its per-certificate rows are all written."""
     require(principal, "admin", "auditor")
     with ctx.sessions() as session:
-        rows = session.execute(
-            select(Revocation).where(Revocation.operation_id == operation_id)
-            .order_by(Revocation.seq).limit(limit)
-        ).scalars().all()
-        if not rows:
+        op = session.scalars(select(RevocationOperation).where(
+            RevocationOperation.id == operation_id)).first()
+        if op is None:
             raise NotFoundError(f"revocation operation {operation_id} not found",
                                 code="operation_not_found")
-        return [{"seq": r.seq, "serial": r.serial_hex, "ca_id": r.ca_id,
-                 "device_id": r.device_id, "kind": r.kind, "action": r.action,
-                 "reason": r.reason, "revoked_at": r.revoked_at.isoformat()} for r in rows]
+        written = int(session.scalar(select(func.count()).select_from(Revocation).where(
+            Revocation.operation_id == op.id)) or 0)
+        return operation_view(op) | {"rows_written": written}
+
+
+def operation_view(op: RevocationOperation) -> dict[str, Any]:
+    return {
+        "operation_id": op.id, "scope": op.scope, "target_id": op.target_id,
+        "action": op.action, "reason": op.reason, "revoked_at": op.revoked_at.isoformat(),
+        "batch_id": op.batch_id, "factory_id": op.factory_id, "ca_ids": list(op.ca_ids),
+        "leaf_ca_ids": list(op.leaf_ca_ids),
+        "issued_after": op.issued_after.isoformat() if op.issued_after else None,
+        "issued_before": op.issued_before.isoformat() if op.issued_before else None,
+        "covered": op.covered, "newly_revoked": op.newly_revoked, "state": op.state,
+        "first_seq": op.first_seq, "last_seq": op.last_seq, "actor": op.actor,
+    }
+
+
+def list_operations(ctx: ServiceContext, principal: Principal,
+                    limit: int = 100) -> list[dict[str, Any]]:
+    require(principal, "admin", "auditor")
+    if not 1 <= limit <= 1000:
+        raise ValidationError("limit must be between 1 and 1000")
+    with ctx.sessions() as session:
+        return [operation_view(op) for op in session.scalars(
+            select(RevocationOperation).order_by(RevocationOperation.seq.desc()).limit(limit))]
 
 
 __all__ = [
+    "CHUNK",
+    "INLINE_LIMIT",
     "REASONS",
     "REMOVE_FROM_CRL",
     "RevocationResult",
+    "ca_scope",
+    "device_scope",
+    "leaf_scope",
+    "list_operations",
+    "materialize",
+    "materialize_pending",
+    "operation_status",
     "preview",
     "release_device",
-    "revocation_log",
     "revoke_batch",
     "revoke_device",
     "revoke_factory",

@@ -1,0 +1,527 @@
+"""Benchmark: OCSP responses per second and latency (p50/p99), 50 kept-alive connections.
+
+Three servers are measured in the same run, on the same machine, with the same client
+(``wrk``, POSTing one fixed nonce-less SHA-1 request for a good device certificate):
+
+(a) ``openssl ocsp -multi 2`` answering from an ``index.txt`` built from the fleettrust database
+    (every certificate of the issuing CA, revoked ones with time and reason), signing with the
+    same delegated responder certificate and (encrypted) key fleettrust uses, nextUpdate 60 min;
+(b) a plain ASGI endpoint under ``uvicorn --workers 2`` that reads the request body and returns
+    fixed bytes (a real OCSP response) with the same headers: the ceiling for any Python ASGI
+    responder on this machine;
+(c) fleettrust's responder, ``uvicorn --workers 2 --factory
+    fleettrust.api.ocsp_routes:build_ocsp_app_from_env`` (the standalone OCSP app; each worker
+    has its own pre-signed cache and revocation index, as in production);
+(d) for information: the operator app (``create_app`` + ``include_router(ocsp_routes.router)``)
+    with 2 workers, i.e. the OCSP route behind FastAPI's middleware stack and router.
+
+Every server's answer is checked (parsed, status ``good``, right serial) before it is timed.
+``openssl ocsp`` spins at 100% CPU forever once a client connects and closes without sending
+(wrk's default address probe does exactly that, and so does the end of a kept-alive run), so:
+the Lua script overrides ``wrk.resolve`` to skip the probe, readiness is detected from
+``/proc/net/tcp`` instead of a test connection, the check uses its own responder instance, and
+every timed run gets a fresh responder that is killed afterwards. uvicorn servers get a short
+warm-up run first (their caches fill on the first request each worker sees).
+
+Goals named by the issue: fleettrust >= 2.5x openssl, >= 0.85x the plain endpoint, p99 <= 2 ms.
+
+    .venv/bin/python bench/ocsp.py                  # SQLite, 10 s per server
+    .venv/bin/python bench/ocsp.py --db postgresql --duration 15 --json out.json
+
+Loopback only; every child process is killed at the end (bounded by --duration per run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.x509 import ocsp as cocsp
+
+DEFAULT_PG_URL = "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+ROOT_PASSPHRASE = b"bench root passphrase"
+KEYSTORE_PASSPHRASE = "bench key-store passphrase"
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+
+WRK_SCRIPT = r"""
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/ocsp-request"
+local f = assert(io.open(os.getenv("OCSP_BENCH_REQUEST"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+
+-- wrk's default resolve() test-connects to every address and closes without sending a
+-- request; `openssl ocsp` then spins at 100% CPU forever. Take the address as given.
+function wrk.resolve(host, service)
+   wrk.addrs = wrk.lookup(host, service)
+end
+
+function done(summary, latency, requests)
+   local e = summary.errors
+   io.write(string.format(
+      "WRKJSON {\"requests\": %d, \"duration_us\": %d, \"p50_us\": %d, \"p90_us\": %d, " ..
+      "\"p99_us\": %d, \"max_us\": %d, \"connect\": %d, \"read\": %d, \"write\": %d, " ..
+      "\"status\": %d, \"timeout\": %d}\n",
+      summary.requests, summary.duration, latency:percentile(50), latency:percentile(90),
+      latency:percentile(99), latency.max, e.connect, e.read, e.write, e.status, e.timeout))
+end
+"""
+
+PLAIN_APP = '''
+"""Plain ASGI endpoint: read the request body, return fixed bytes (benchmark ceiling)."""
+import os
+
+BODY = open(os.environ["OCSP_BENCH_RESPONSE"], "rb").read()
+HEADERS = [
+    (b"content-type", b"application/ocsp-response"),
+    (b"content-length", str(len(BODY)).encode()),
+    (b"cache-control", b"max-age=60, public, no-transform, must-revalidate"),
+    (b"expires", b"Thu, 01 Jan 2099 00:00:00 GMT"),
+    (b"last-modified", b"Thu, 01 Jan 2026 00:00:00 GMT"),
+    (b"etag", b'"0123456789abcdef0123456789abcdef"'),
+]
+
+
+async def app(scope, receive, send):
+    if scope["type"] == "lifespan":
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+    message = await receive()
+    while message.get("more_body"):
+        message = await receive()
+    await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+    await send({"type": "http.response.body", "body": BODY})
+'''
+
+OPERATOR_APP = '''
+"""The operator app with the OCSP router included, as the lead mounts it."""
+
+
+def build():
+    from fleettrust.api.app import create_app
+    from fleettrust.api.ocsp_routes import router
+    from fleettrust.config import Settings
+    from fleettrust.services.context import ServiceContext
+
+    app = create_app(ServiceContext.create(Settings.load()))
+    app.include_router(router)
+    return app
+'''
+
+
+# --- the PKI under test -----------------------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    env: dict[str, str]
+    ca_id: str
+    issuer: x509.Certificate
+    good: x509.Certificate
+    request: Path
+    response: Path
+    index: Path
+    ca_pem: Path
+    responder_pem: Path
+    responder_key: Path
+    devices: int
+    revoked: int
+
+
+@contextmanager
+def database(kind: str, tmp: Path, pg_url: str) -> Iterator[str]:
+    if kind == "sqlite":
+        yield f"sqlite:///{tmp / 'bench.db'}"
+        return
+    from sqlalchemy import create_engine, text
+
+    schema = "bench_" + secrets.token_hex(6)
+    admin = create_engine(pg_url)
+    with admin.begin() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in pg_url else "?"
+    try:
+        yield f"{pg_url}{sep}options=-csearch_path%3D{schema}"
+    finally:
+        with admin.begin() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _index_time(value: dt.datetime) -> str:
+    value = min(value.astimezone(dt.UTC), dt.datetime(2049, 12, 31, tzinfo=dt.UTC))
+    return value.strftime("%y%m%d%H%M%SZ")
+
+
+def write_openssl_index(ctx: Any, ca_id: str, path: Path) -> None:
+    """openssl ``ca``/``ocsp`` index.txt of every certificate ``ca_id`` issued."""
+    from sqlalchemy import select
+
+    from fleettrust.storage.models import Certificate
+
+    lines = []
+    with ctx.sessions() as s:
+        for row in s.scalars(select(Certificate).where(Certificate.ca_id == ca_id)):
+            serial = row.serial_hex.upper()
+            serial = "0" * (len(serial) % 2) + serial
+            subject = "/CN=" + (row.device_id or row.kind)
+            if row.status == "good":
+                lines.append(f"V\t{_index_time(row.not_after)}\t\t{serial}\tunknown\t{subject}")
+            else:
+                reason = "certificateHold" if row.status == "hold" else (
+                    row.revocation_reason or "unspecified")
+                revoked = _index_time(row.revoked_at or row.created_at)
+                lines.append(f"R\t{_index_time(row.not_after)}\t{revoked},{reason}\t{serial}"
+                             f"\tunknown\t{subject}")
+    path.write_text("\n".join(lines) + "\n")
+
+
+def setup_pki(tmp: Path, db_url: str, n_devices: int, n_revoked: int) -> Setup:
+    from fleettrust import ceremony
+    from fleettrust.config import Settings
+    from fleettrust.revocation.ocsp_responder import OcspResponder, ensure_responder_credential
+    from fleettrust.services import hierarchy, issuance, revocation
+    from fleettrust.services.auth import Principal, create_token
+    from fleettrust.services.context import ServiceContext
+    from fleettrust.storage.db import make_engine
+    from fleettrust.storage.migrate import upgrade
+
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    os.environ["FLEETTRUST_KEYSTORE_PASSPHRASE"] = KEYSTORE_PASSPHRASE
+    data = tmp / "data"
+    data.mkdir(mode=0o700)
+    settings = Settings(data_dir=data, database_url=db_url)
+    engine = make_engine(db_url)
+    upgrade(engine)
+    engine.dispose()
+    ctx = ServiceContext.create(settings)
+    try:
+        def principal(role: str, subject: str, factory_id: str | None = None) -> Principal:
+            with ctx.transaction() as s:
+                row, _ = create_token(s, role=role, subject=subject, now=ctx.clock.now(),
+                                      factory_id=factory_id)
+                return Principal(row.id, role, subject, factory_id, "127.0.0.1")
+
+        admin = principal("admin", "bench")
+        now = dt.datetime.now(dt.UTC)
+        info = ceremony.init_root(tmp / "root", passphrase=ROOT_PASSPHRASE, now=now)
+        csr = hierarchy.create_fleet_csr(ctx, admin, "Fleet CA")
+        fleet = ceremony.sign_ca_csr(tmp / "root", csr.encode(), passphrase=ROOT_PASSPHRASE,
+                                     now=now)
+        hierarchy.import_fleet_certificate(
+            ctx, admin, fleet.public_bytes(serialization.Encoding.PEM).decode(),
+            info.certificate.public_bytes(serialization.Encoding.PEM).decode())
+        fac = hierarchy.create_factory(ctx, admin, name="Bench Factory")
+        station = principal("factory", "bench-station", fac.factory.id)
+        batch = hierarchy.create_batch(
+            ctx, station, fac.factory.id, name="bench", product_model="B-1",
+            hardware_revision="r1", planned_size=n_devices, manufactured_on=dt.date.today()).batch
+        name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "device")])
+        reqs = []
+        for n in range(n_devices):
+            key = ec.generate_private_key(ec.SECP256R1())
+            c = x509.CertificateSigningRequestBuilder().subject_name(name).sign(
+                key, hashes.SHA256())
+            reqs.append(issuance.IssueRequest(
+                csr=c.public_bytes(serialization.Encoding.PEM),
+                manifest={"cpu_serial": f"CPU{n:012d}", "wlan_module_id": f"WL-{n:08d}"}))
+        issued = issuance.issue_devices(ctx, station, batch.id, reqs).devices
+        for d in issued[1:1 + n_revoked]:
+            revocation.revoke_device(ctx, admin, d.device_id, reason="keyCompromise")
+        ca_id = batch.ca_id
+        cred = ensure_responder_credential(ctx, ca_id)
+        assert cred is not None
+        from fleettrust.services.hierarchy import load_ca_cert
+        from fleettrust.storage.models import CertificateAuthority, ServerCredential
+
+        with ctx.sessions() as s:
+            ca_row = s.get(CertificateAuthority, ca_id)
+            assert ca_row is not None
+            issuer = load_ca_cert(ca_row)
+            key_id = s.get(ServerCredential, cred.credential_id).key_id  # type: ignore[union-attr]
+        good = x509.load_pem_x509_certificate(issued[0].certificate_pem.encode())
+        request = tmp / "request.der"
+        request.write_bytes(
+            cocsp.OCSPRequestBuilder().add_certificate(good, issuer, hashes.SHA1())  # noqa: S303
+            .build().public_bytes(serialization.Encoding.DER))
+        # a real response for the plain endpoint to return
+        responder = OcspResponder(ctx, sync_index=False)
+        response = tmp / "response.der"
+        response.write_bytes(responder.resolve(request.read_bytes()).body)
+        responder.close()
+        index = tmp / "index.txt"
+        write_openssl_index(ctx, ca_id, index)
+        ca_pem = tmp / "ca.pem"
+        ca_pem.write_bytes(issuer.public_bytes(serialization.Encoding.PEM))
+        responder_pem = tmp / "responder.pem"
+        responder_pem.write_bytes(x509.load_der_x509_certificate(cred.certificate_der)
+                                  .public_bytes(serialization.Encoding.PEM))
+        from fleettrust.signing.filekeys import FileKeyStore
+
+        key_path = FileKeyStore(settings.keys_dir, KEYSTORE_PASSPHRASE.encode()).path_for(key_id)
+    finally:
+        ctx.close()
+    env = {
+        "FLEETTRUST_DATA_DIR": str(data),
+        "FLEETTRUST_DATABASE_URL": db_url,
+        "FLEETTRUST_KEYSTORE_PASSPHRASE": KEYSTORE_PASSPHRASE,
+        "OCSP_BENCH_REQUEST": str(request),
+        "OCSP_BENCH_RESPONSE": str(response),
+    }
+    return Setup(env=env, ca_id=ca_id, issuer=issuer, good=good, request=request,
+                 response=response, index=index, ca_pem=ca_pem, responder_pem=responder_pem,
+                 responder_key=key_path, devices=n_devices, revoked=n_revoked)
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def listening(port: int) -> bool:
+    """Is something listening on 127.0.0.1:port? Read from /proc (no probe connection)."""
+    needle = f"0100007F:{port:04X}"
+    for table in ("/proc/net/tcp",):
+        with open(table) as fh:
+            for line in fh.readlines()[1:]:
+                parts = line.split()
+                if parts[1] == needle and parts[3] == "0A":
+                    return True
+    return False
+
+
+@contextmanager
+def process(argv: list[str], env: dict[str, str], port: int, log: Path) -> Iterator[None]:
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while not listening(port):
+            if proc.poll() is not None:
+                raise RuntimeError(f"{argv[0]} exited ({proc.returncode}):\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not listen on {port}:\n{_tail(log)}")
+            time.sleep(0.05)
+        time.sleep(0.3)  # every worker up
+        yield
+    finally:
+        with _suppress():
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            with _suppress():
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _tail(log: Path, lines: int = 20) -> str:
+    return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+
+
+@contextmanager
+def _suppress() -> Iterator[None]:
+    try:
+        yield
+    except ProcessLookupError:
+        pass
+
+
+def openssl_argv(s: Setup, port: int) -> list[str]:
+    return ["openssl", "ocsp", "-index", str(s.index), "-port", str(port), "-rsigner",
+            str(s.responder_pem), "-rkey", str(s.responder_key), "-passin",
+            "env:FLEETTRUST_KEYSTORE_PASSPHRASE", "-CA", str(s.ca_pem), "-multi", "2",
+            "-nmin", "60"]
+
+
+def uvicorn_argv(spec: str, port: int, *, factory: bool, app_dir: Path | None = None) -> list[str]:
+    argv = [PYTHON, "-m", "uvicorn", spec, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", "2", "--no-access-log", "--log-level", "warning", "--http", "httptools"]
+    if factory:
+        argv.append("--factory")
+    if app_dir is not None:
+        argv += ["--app-dir", str(app_dir)]
+    return argv
+
+
+def check_answer(url: str, s: Setup) -> str:
+    """POST the benchmark request once; the answer must be a good response for our device."""
+    req = urllib.request.Request(url, data=s.request.read_bytes(), method="POST", headers={
+        "Content-Type": "application/ocsp-request", "Connection": "close"})
+    with urllib.request.urlopen(req, timeout=10) as r:  # noqa: S310 (loopback URL we built)
+        ctype = r.headers.get("content-type")
+        body = r.read()
+    resp = cocsp.load_der_ocsp_response(body)
+    if resp.response_status is not cocsp.OCSPResponseStatus.SUCCESSFUL:
+        raise AssertionError(f"{url}: {resp.response_status}")
+    if resp.certificate_status is not cocsp.OCSPCertStatus.GOOD \
+            or resp.serial_number != s.good.serial_number:
+        raise AssertionError(f"{url}: wrong answer {resp.certificate_status}")
+    return f"{ctype}, {len(body)} bytes, good"
+
+
+# --- the client ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    name: str
+    rate: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    requests: int
+    errors: int
+    check: str
+
+
+def run_wrk(name: str, url: str, s: Setup, script: Path, *, duration: float, connections: int,
+            threads: int, check: str) -> Result:
+    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
+            "-s", str(script), url]
+    out = subprocess.run(argv, env={**os.environ, **s.env}, capture_output=True, text=True,
+                         timeout=duration + 60)
+    match = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.MULTILINE)
+    if out.returncode != 0 or match is None:
+        raise RuntimeError(f"wrk failed for {name}: {out.stdout}\n{out.stderr}")
+    data = json.loads(match.group(1))
+    errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
+    return Result(name=name, rate=data["requests"] / (data["duration_us"] / 1e6),
+                  p50_ms=data["p50_us"] / 1000, p90_ms=data["p90_us"] / 1000,
+                  p99_ms=data["p99_us"] / 1000, max_ms=data["max_us"] / 1000,
+                  requests=data["requests"], errors=errors, check=check)
+
+
+def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path) -> Result:
+    port = free_port()
+    # Check with a responder of its own: a checked-and-closed connection could leave a child
+    # spinning, which would slow the timed run.
+    with process(openssl_argv(s, port), {}, port, log):
+        check = check_answer(f"http://127.0.0.1:{port}/", s)
+    port = free_port()
+    with process(openssl_argv(s, port), {}, port, log):
+        return run_wrk("openssl ocsp -multi 2", f"http://127.0.0.1:{port}/", s, script,
+                       duration=args.duration, connections=args.connections,
+                       threads=args.threads, check=check)
+
+
+def measure_uvicorn(name: str, argv_for: Any, s: Setup, script: Path, args: argparse.Namespace,
+                    log: Path) -> Result:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/ocsp"
+    with process(argv_for(port), s.env, port, log):
+        check = check_answer(url, s)
+        run_wrk(name, url, s, script, duration=args.warmup, connections=args.connections,
+                threads=args.threads, check=check)  # warm-up: every worker's cache fills
+        return run_wrk(name, url, s, script, duration=args.duration,
+                       connections=args.connections, threads=args.threads, check=check)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
+    ap.add_argument("--pg-url", default=os.environ.get("FLEETTRUST_TEST_PG_URL", DEFAULT_PG_URL))
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per timed run")
+    ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up (uvicorn)")
+    ap.add_argument("--connections", type=int, default=50)
+    ap.add_argument("--threads", type=int, default=2, help="wrk threads")
+    ap.add_argument("--devices", type=int, default=1000)
+    ap.add_argument("--revoked", type=int, default=100)
+    ap.add_argument("--skip-operator-app", action="store_true")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+    for tool in ("wrk", "openssl"):
+        if shutil.which(tool) is None:
+            print(f"{tool} not found (Debian: apt-get install -y {tool})", file=sys.stderr)
+            return 2
+
+    with tempfile.TemporaryDirectory(prefix="ft-ocsp-bench-") as tmp_s:
+        tmp = Path(tmp_s)
+        log = tmp / "servers.log"
+        with database(args.db, tmp, args.pg_url) as url:
+            t0 = time.perf_counter()
+            s = setup_pki(tmp, url, args.devices, args.revoked)
+            print(f"setup: {s.devices} devices ({s.revoked} revoked) in "
+                  f"{time.perf_counter() - t0:.1f} s; {os.cpu_count()} CPUs; db={args.db}")
+            script = tmp / "ocsp.lua"
+            script.write_text(WRK_SCRIPT)
+            (tmp / "plain_app.py").write_text(textwrap.dedent(PLAIN_APP))
+            (tmp / "operator_app.py").write_text(textwrap.dedent(OPERATOR_APP))
+            results = [
+                measure_openssl(s, script, args, log),
+                measure_uvicorn("plain ASGI, uvicorn 2 workers",
+                                lambda p: uvicorn_argv("plain_app:app", p, factory=False,
+                                                       app_dir=tmp), s, script, args, log),
+                measure_uvicorn("fleettrust OCSP app, uvicorn 2 workers",
+                                lambda p: uvicorn_argv(
+                                    "fleettrust.api.ocsp_routes:build_ocsp_app_from_env", p,
+                                    factory=True), s, script, args, log),
+            ]
+            if not args.skip_operator_app:
+                results.append(measure_uvicorn(
+                    "fleettrust operator app + router, 2 workers",
+                    lambda p: uvicorn_argv("operator_app:build", p, factory=True, app_dir=tmp),
+                    s, script, args, log))
+        print(f"\n{args.connections} kept-alive connections, wrk -t{args.threads}, "
+              f"{args.duration:g} s per server\n")
+        print(f"{'server':46} {'resp/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
+              f"{'errors':>6}")
+        for r in results:
+            print(f"{r.name:46} {r.rate:9.0f} {r.p50_ms:7.2f} {r.p99_ms:7.2f} {r.max_ms:7.1f} "
+                  f"{r.errors:6d}")
+        openssl, plain, ours = results[0], results[1], results[2]
+        vs_openssl = ours.rate / openssl.rate
+        vs_plain = ours.rate / plain.rate
+        print(f"\nfleettrust / openssl: {vs_openssl:.2f}x (goal >= 2.5x) "
+              f"{'ok' if vs_openssl >= 2.5 else 'MISSED'}")
+        print(f"fleettrust / plain:   {vs_plain:.2f}x (goal >= 0.85x) "
+              f"{'ok' if vs_plain >= 0.85 else 'MISSED'}")
+        print(f"fleettrust p99:       {ours.p99_ms:.2f} ms (goal <= 2 ms) "
+              f"{'ok' if ours.p99_ms <= 2.0 else 'MISSED'}")
+        if any(r.errors for r in results):
+            print("errors during the runs; see the table", file=sys.stderr)
+        if args.json:
+            args.json.write_text(json.dumps({
+                "cpus": os.cpu_count(), "db": args.db, "duration_s": args.duration,
+                "connections": args.connections, "wrk_threads": args.threads,
+                "results": [asdict(r) for r in results],
+                "ratio_vs_openssl": vs_openssl, "ratio_vs_plain": vs_plain,
+            }, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
