@@ -9,12 +9,13 @@ Functions other benches can call (``bench/revocation.py``):
 * :func:`catchup_bytes` — bytes an offline agent downloads to catch up on ``k`` events: feed v1,
   v2 (raw and gzip) and the snapshot.
 * :func:`latency` — a real deployment on this machine: the operator API (uvicorn, one process)
-  with the feed router and the MQTT publisher thread, a real Mosquitto, and ``listeners`` SSE
-  clients plus ``listeners`` MQTT subscribers in a separate asyncio process. A batch of
-  ``batch_size`` devices is revoked with ``services.revocation.revoke_batch``; from the instant
-  the call returns, each listener's delay until it holds the operation's last event is recorded
-  (p50/p99/max). SSE runs over plain loopback HTTP (TLS would add per-connection handshake cost,
-  not per-event latency); the broker listener is plain for the same reason.
+  with the feed router, the MQTT publisher in its own process, a real Mosquitto, and
+  ``listeners`` SSE clients plus ``listeners`` MQTT subscribers in a separate asyncio process.
+  A batch of ``batch_size`` devices is revoked with ``services.revocation.revoke_batch``; from
+  the instant the call returns, each listener's delay until it holds the operation's last
+  event is recorded (p50/p99/max). SSE runs over plain loopback HTTP (TLS would add
+  per-connection handshake cost, not per-event latency); the broker listener is plain for the
+  same reason.
 
     .venv/bin/python bench/revocation_feed.py                 # everything, default sizes
     .venv/bin/python bench/revocation_feed.py --only filter --issued 100000
@@ -182,24 +183,31 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _serve(data_dir: str, db_url: str, port: int, mqtt_port: int) -> None:
-    """Server process: operator API + feed router (uvicorn) + the MQTT publisher thread."""
+def _serve(data_dir: str, db_url: str, port: int) -> None:
+    """Server process: the operator API with the feed router (uvicorn, one worker)."""
     import uvicorn
 
     from fleettrust.api.app import create_app
     from fleettrust.api.feed_routes import operator_router
     from fleettrust.config import Settings
-    from fleettrust.revocation.mqtt import BrokerSettings, start_publisher
     from fleettrust.services.context import ServiceContext
 
     ctx = ServiceContext.create(Settings(data_dir=Path(data_dir), database_url=db_url))
     app = create_app(ctx)
     app.include_router(operator_router)
-    publisher = start_publisher(ctx, BrokerSettings(port=mqtt_port))
-    try:
-        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
-    finally:
-        publisher.stop()
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", backlog=4096)
+
+
+def _publish(data_dir: str, db_url: str, mqtt_port: int) -> None:
+    """Publisher process: the MQTT publisher (v1 and v2 topics) next to the broker."""
+    from fleettrust.config import Settings
+    from fleettrust.revocation.mqtt import BrokerSettings, start_publisher
+    from fleettrust.services.context import ServiceContext
+
+    ctx = ServiceContext.create(Settings(data_dir=Path(data_dir), database_url=db_url))
+    start_publisher(ctx, BrokerSettings(port=mqtt_port), formats=("v1", "v2"))
+    while True:
+        time.sleep(3600)
 
 
 _ID = re.compile(rb"id: (\d+)\n")
@@ -207,28 +215,26 @@ _NEXT = re.compile(rb'"next":(\d+)')
 
 
 async def _sse_listener(port: int, arrivals: list[tuple[int, float]], ready: asyncio.Event,
-                        stop: asyncio.Event) -> None:
+                        writers: list[asyncio.StreamWriter], fmt: str) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
-    writer.write(b"GET /v1/revocations/stream?format=v1 HTTP/1.1\r\nHost: x\r\n"
-                 b"Accept: text/event-stream\r\n\r\n")
+    writers.append(writer)
+    writer.write(b"GET /v1/revocations/stream?format=%s HTTP/1.1\r\nHost: x\r\n"
+                 b"Accept: text/event-stream\r\n\r\n" % fmt.encode())
     await writer.drain()
     tail = b""
-    first = True
-    while not stop.is_set():
+    while True:
         try:
-            data = await asyncio.wait_for(reader.read(1 << 20), 0.5)
-        except TimeoutError:
-            continue
+            data = await reader.read(1 << 20)
+        except (ConnectionError, OSError):
+            break
         if not data:
             break
         now = time.time()
-        if first and b"retry:" in data:
-            first = False
+        if not ready.is_set() and b"retry:" in data:
             ready.set()
         buf = tail + data
         arrivals.extend((int(m.group(1)), now) for m in _ID.finditer(buf))
         tail = buf[-32:]
-    writer.close()
 
 
 def _mqtt_packet(kind: int, body: bytes) -> bytes:
@@ -241,52 +247,50 @@ def _mqtt_packet(kind: int, body: bytes) -> bytes:
 
 
 async def _mqtt_listener(port: int, i: int, arrivals: list[tuple[int, float]],
-                         ready: asyncio.Event, stop: asyncio.Event) -> None:
+                         ready: asyncio.Event, writers: list[asyncio.StreamWriter],
+                         fmt: str) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port, limit=1 << 22)
+    writers.append(writer)
     cid = f"bench-{os.getpid()}-{i}".encode()
     connect = (b"\x00\x04MQTT\x04\x02\x00\x3c" + len(cid).to_bytes(2, "big") + cid)
     writer.write(_mqtt_packet(0x10, connect))
-    topic = b"fleettrust/revocations/v1"
+    topic = b"fleettrust/revocations/" + fmt.encode()
     writer.write(_mqtt_packet(0x82, b"\x00\x01" + len(topic).to_bytes(2, "big") + topic + b"\x00"))
     await writer.drain()
-    while not stop.is_set():
-        try:
-            head = await asyncio.wait_for(reader.readexactly(1), 0.5)
-        except TimeoutError:
-            continue
-        except asyncio.IncompleteReadError:
-            break
-        n = shift = 0
+    with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError, OSError):
         while True:
-            b = (await reader.readexactly(1))[0]
-            n |= (b & 0x7F) << shift
-            shift += 7
-            if not b & 0x80:
-                break
-        body = await reader.readexactly(n)
-        now = time.time()
-        if head[0] >> 4 == 9:  # SUBACK
-            ready.set()
-        elif head[0] >> 4 == 3:  # PUBLISH (QoS 0 delivery)
-            m = _NEXT.search(body[:200])
-            if m:
-                arrivals.append((int(m.group(1)), now))
-    writer.close()
+            head = await reader.readexactly(1)
+            n = shift = 0
+            while True:
+                b = (await reader.readexactly(1))[0]
+                n |= (b & 0x7F) << shift
+                shift += 7
+                if not b & 0x80:
+                    break
+            body = await reader.readexactly(n)
+            now = time.time()
+            if head[0] >> 4 == 9:  # SUBACK
+                ready.set()
+            elif head[0] >> 4 == 3:  # PUBLISH (QoS 0 delivery)
+                m = _NEXT.search(body[:200])
+                if m:
+                    arrivals.append((int(m.group(1)), now))
 
 
-def _listen(port: int, mqtt_port: int, n: int, conn: Any) -> None:
+def _listen(port: int, mqtt_port: int, n: int, conn: Any, fmt: str) -> None:
     """Listener process: n SSE clients + n MQTT subscribers; reports arrival times."""
 
     async def main() -> None:
-        stop = asyncio.Event()
+        writers: list[asyncio.StreamWriter] = []
         sse = [list[tuple[int, float]]() for _ in range(n)]
         mq = [list[tuple[int, float]]() for _ in range(n)]
         ready = [asyncio.Event() for _ in range(2 * n)]
         tasks = []
         for i in range(n):
-            tasks.append(asyncio.create_task(_sse_listener(port, sse[i], ready[i], stop)))
             tasks.append(asyncio.create_task(
-                _mqtt_listener(mqtt_port, i, mq[i], ready[n + i], stop)))
+                _sse_listener(port, sse[i], ready[i], writers, fmt)))
+            tasks.append(asyncio.create_task(
+                _mqtt_listener(mqtt_port, i, mq[i], ready[n + i], writers, fmt)))
             if i % 100 == 99:
                 await asyncio.sleep(0.05)
         await asyncio.wait_for(asyncio.gather(*(r.wait() for r in ready)), 60)
@@ -298,7 +302,8 @@ def _listen(port: int, mqtt_port: int, n: int, conn: Any) -> None:
             if all(any(s >= target for s, _ in a) for a in sse + mq):
                 break
             await asyncio.sleep(0.05)
-        stop.set()
+        for w in writers:
+            w.transport.abort()
         await asyncio.gather(*tasks, return_exceptions=True)
         conn.send({"sse": sse, "mqtt": mq})
 
@@ -365,7 +370,7 @@ def _setup_fleet(tmp: Path, db_url: str, batch_size: int) -> tuple[Any, Any, str
 
 
 def latency(listeners: int = 1000, batch_size: int = 1000,
-            pg_url: str | None = None) -> dict[str, Any]:
+            pg_url: str | None = None, fmt: str = "v1") -> dict[str, Any]:
     """Revoke a batch of ``batch_size`` devices with ``listeners`` SSE clients and as many
     MQTT subscribers connected; delays from the call's return to each listener having it."""
     import httpx
@@ -384,8 +389,11 @@ def latency(listeners: int = 1000, batch_size: int = 1000,
         broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL,
                                   stderr=subprocess.DEVNULL)
         server = mp.get_context("spawn").Process(
-            target=_serve, args=(str(tmp / "data"), db_url, http_port, mqtt_port), daemon=True)
+            target=_serve, args=(str(tmp / "data"), db_url, http_port), daemon=True)
         server.start()
+        pub = mp.get_context("spawn").Process(
+            target=_publish, args=(str(tmp / "data"), db_url, mqtt_port), daemon=True)
+        pub.start()
         lp: Any = None
         try:
             deadline = time.time() + 30
@@ -399,7 +407,7 @@ def latency(listeners: int = 1000, batch_size: int = 1000,
             time.sleep(1.0)  # the publisher connects and publishes its head
             parent, child = mp.get_context("spawn").Pipe()
             lp = mp.get_context("spawn").Process(
-                target=_listen, args=(http_port, mqtt_port, listeners, child), daemon=True)
+                target=_listen, args=(http_port, mqtt_port, listeners, child, fmt), daemon=True)
             lp.start()
             if parent.recv() != "ready":
                 raise RuntimeError("listeners not ready")
@@ -413,7 +421,7 @@ def latency(listeners: int = 1000, batch_size: int = 1000,
                 last_seq = rev.operation_status(ctx, admin, result.operation_id)["last_seq"]
             parent.send(last_seq)
             got = parent.recv()
-            out: dict[str, Any] = {"listeners": listeners, "batch": batch_size,
+            out: dict[str, Any] = {"listeners": listeners, "batch": batch_size, "format": fmt,
                                    "events": result.newly_revoked,
                                    "api_call_ms": round((t_ret - t_call) * 1000, 1)}
             for kind in ("sse", "mqtt"):
@@ -425,7 +433,8 @@ def latency(listeners: int = 1000, batch_size: int = 1000,
                         delays.append(max(0.0, min(ts) - t_ret) * 1000)
                     else:
                         missing += 1
-                out[kind] = ({"p50_ms": round(_pct(delays, 0.5), 1),
+                out[kind] = ({"min_ms": round(min(delays), 1),
+                              "p50_ms": round(_pct(delays, 0.5), 1),
                               "p99_ms": round(_pct(delays, 0.99), 1),
                               "max_ms": round(max(delays), 1),
                               "mean_ms": round(statistics.fmean(delays), 1)}
@@ -452,6 +461,8 @@ def latency(listeners: int = 1000, batch_size: int = 1000,
                     lp.terminate()
             server.terminate()
             server.join(10)
+            pub.terminate()
+            pub.join(10)
             broker.terminate()
             broker.wait(10)
             ctx.close()
@@ -465,6 +476,7 @@ def main() -> None:
     ap.add_argument("--listeners", type=int, default=1000)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 1000])
     ap.add_argument("--pg-url", default=None, help="PostgreSQL URL (default: SQLite)")
+    ap.add_argument("--format", dest="fmt", nargs="+", default=["v1"], choices=["v1", "v2"])
     args = ap.parse_args()
     only = set(args.only or ["filter", "catchup", "latency"])
     results: dict[str, Any] = {}
@@ -473,7 +485,8 @@ def main() -> None:
     if "catchup" in only:
         results["catchup"] = catchup_bytes(issued=args.issued)
     if "latency" in only:
-        results["latency"] = [latency(args.listeners, b, args.pg_url) for b in args.batch]
+        results["latency"] = [latency(args.listeners, b, args.pg_url, f)
+                              for f in args.fmt for b in args.batch]
     print(json.dumps(results, indent=1))
 
 

@@ -14,6 +14,7 @@ import datetime as dt
 import itertools
 import json
 import os
+import select
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ class Stack:
     factory_token: str
     batch_id: str
     tmp: Path
+    _zygote: Zygote | None = None
 
     def manifest_file(self, name: str) -> Path:
         """A manifest override file with hardware ids unique in this test."""
@@ -76,13 +78,60 @@ class Stack:
                                  f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}")
         return proc
 
-    def spawn(self, *args: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(self.agent_cmd(*args), cwd=REPO, env=agent_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    def zygote(self) -> Zygote:
+        if self._zygote is None:
+            self._zygote = Zygote(self.agent_cmd("--zygote"))
+        return self._zygote
+
+    def close(self) -> None:
+        if self._zygote is not None:
+            self._zygote.close()
+            self._zygote = None
 
     def set_validity(self, days: int) -> None:
         """Validity of certificates issued from now on (enrollment and renewal alike)."""
         self.ctx.settings = dataclasses.replace(self.ctx.settings, device_validity_days=days)
+
+
+class Zygote:
+    """``tests.e2e.agent_main --zygote``: forks pre-imported agent processes on request."""
+
+    def __init__(self, cmd: list[str]) -> None:
+        self.proc = subprocess.Popen(cmd, cwd=REPO, env=agent_env(), stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self.pending = False
+
+    def start(self, args: list[str], out: Path, err: Path) -> int:
+        """Fork an agent running ``args``; its stdout/stderr go to ``out``/``err``."""
+        assert not self.pending, "one agent at a time"
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps({"args": args, "out": str(out), "err": str(err)}) + "\n")
+        self.proc.stdin.flush()
+        self.pending = True
+        return int(self.proc.stdout.readline())
+
+    def wait(self, timeout: float | None) -> int | None:
+        """The raw wait status of the running agent, or None if it is still running."""
+        assert self.pending and self.proc.stdout is not None
+        if timeout is not None:
+            ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+            if not ready:
+                return None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the agent zygote died")
+        self.pending = False
+        return int(line)
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc.stdout.close()
 
 
 def agent_env() -> dict[str, str]:
@@ -103,8 +152,12 @@ def stack(ctx: ServiceContext, admin: Principal, fleet: Hierarchy,
     token = make_token(ctx, "factory", "e2e-station", factory.factory.id)
     original = ctx.settings
     with LiveServer(ctx) as api, RunningGateway(ctx) as gateway:
-        yield Stack(ctx=ctx, admin=admin, api=api, gateway=gateway, factory_token=token,
-                    batch_id=batch.batch.id, tmp=tmp_path)
+        stack = Stack(ctx=ctx, admin=admin, api=api, gateway=gateway, factory_token=token,
+                      batch_id=batch.batch.id, tmp=tmp_path)
+        try:
+            yield stack
+        finally:
+            stack.close()
     ctx.settings = original
 
 

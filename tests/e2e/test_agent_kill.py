@@ -11,13 +11,14 @@ does not depend on the server's database, which the other e2e tests cover on bot
 
 from __future__ import annotations
 
+import itertools
 import os
 import random
-import select
 import signal
-import subprocess
+import statistics
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -33,66 +34,64 @@ from tests.e2e.conftest import Stack, read_state
 ITERATIONS = 20
 SEED = 20261125
 SYNC_TIMEOUT_S = 30.0
+READY = ("stdout", b"READY")
+KILL_SPAN = 1.25  # kill delays are drawn from [0, KILL_SPAN x the un-killed duration]
 
 pytestmark = pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
 
 
-class _Lines:
-    """Non-blocking line reader over one pipe of a child process."""
-
-    def __init__(self, stream: object) -> None:
-        self.fd = stream.fileno()  # type: ignore[attr-defined]
-        self.buffer = b""
-
-    def wait_for(self, marker: bytes, deadline: float) -> bool:
-        while marker not in self.buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return False
-            ready, _, _ = select.select([self.fd], [], [], remaining)
-            if not ready:
-                return False
-            chunk = os.read(self.fd, 65536)
-            if not chunk:
-                return marker in self.buffer
-            self.buffer += chunk
-        return True
+_outputs = itertools.count()
 
 
-def _run_and_kill(proc: subprocess.Popen[bytes], marker: tuple[str, bytes], delay: float
+def _run_and_kill(stack: Stack, args: list[str], marker: tuple[str, bytes], delay: float
                   ) -> tuple[str, float]:
-    """Wait for ``marker`` on the child's stdout/stderr, sleep ``delay``, SIGKILL.
+    """Start an agent, wait for ``marker`` in its stdout/stderr, let it run ``delay`` more
+    seconds, then SIGKILL it. Returns ``("killed" | "exited", seconds after the marker)``."""
+    zygote = stack.zygote()
+    n = next(_outputs)
+    out, err = stack.tmp / f"agent-{n}.out", stack.tmp / f"agent-{n}.err"
+    pid = zygote.start(args, out, err)
+    watched = out if marker[0] == "stdout" else err
+    deadline = time.monotonic() + SYNC_TIMEOUT_S
+    status: int | None = None
+    while status is None:
+        if watched.exists() and marker[1] in watched.read_bytes():
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            zygote.wait(None)
+            raise AssertionError(f"no {marker!r} from the agent within {SYNC_TIMEOUT_S} s: "
+                                 f"{err.read_text() if err.exists() else ''}")
+        status = zygote.wait(0.0005)
+    if status is not None:  # finished before the marker: only allowed without a kill
+        raise AssertionError(f"agent exited ({status}) before {marker!r}: {err.read_text()}")
+    seen = time.monotonic()
+    status = zygote.wait(delay)
+    if status is not None:
+        assert os.WIFEXITED(status), status
+        code = os.WEXITSTATUS(status)
+        assert code == 0, f"agent exited {code}: {err.read_text()}"
+        return "exited", time.monotonic() - seen
+    os.kill(pid, signal.SIGKILL)
+    elapsed = time.monotonic() - seen
+    status = zygote.wait(None)
+    assert status is not None
+    if os.WIFEXITED(status):  # it finished between the timeout and the kill
+        assert os.WEXITSTATUS(status) == 0, err.read_text()
+        return "exited", elapsed
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    return "killed", elapsed
 
-    Returns ``("killed" | "exited" | "no-marker", seconds from marker to exit/kill)``."""
-    stream_name, text = marker
-    stream = proc.stdout if stream_name == "stdout" else proc.stderr
-    assert stream is not None
-    lines = _Lines(stream)
-    try:
-        if not lines.wait_for(text, time.monotonic() + SYNC_TIMEOUT_S):
-            proc.kill()
-            proc.wait(10)
-            return "no-marker", 0.0
-        seen = time.monotonic()
-        try:
-            proc.wait(timeout=delay)
-            return "exited", time.monotonic() - seen
-        except subprocess.TimeoutExpired:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            return "killed", time.monotonic() - seen
-    finally:
-        for pipe in (proc.stdout, proc.stderr):
-            if pipe is not None:
-                pipe.close()
 
-
-def _calibrate(stack: Stack, args: list[str], marker: tuple[str, bytes]) -> float:
-    """Seconds from ``marker`` to the end of an un-killed run of the same command."""
-    proc = stack.spawn(*args)
-    outcome, elapsed = _run_and_kill(proc, marker, 60.0)
-    assert outcome == "exited" and proc.returncode == 0, (outcome, proc.returncode)
-    return elapsed
+def _calibrate(stack: Stack, make_args: Callable[[int], list[str]], marker: tuple[str, bytes],
+               runs: int = 3) -> float:
+    """Seconds from ``marker`` to the end of un-killed runs of the command (median)."""
+    times: list[float] = []
+    for run in range(runs):
+        outcome, elapsed = _run_and_kill(stack, make_args(run), marker, 60.0)
+        assert outcome == "exited", outcome
+        times.append(elapsed)
+    return statistics.median(times)
 
 
 def _check_identity(identity: Identity) -> None:
@@ -113,16 +112,20 @@ def _serials_of(stack: Stack, device_id: str) -> set[str]:
 
 def test_sigkill_during_enrollment(stack: Stack, tmp_path: Path) -> None:
     rng = random.Random(SEED)
-    window = _calibrate(stack, stack.enroll_args(tmp_path / "calibration"), ("stdout", b"READY"))
+    markers = [READY, ("stdout", b"enrollment request written")]
+    windows = [_calibrate(stack, lambda n, m=m: stack.enroll_args(tmp_path / f"cal-{m[1]!r}-{n}"),
+                          m) for m in markers]
     outcomes: Counter[str] = Counter()
+    kills: Counter[str] = Counter()
     recovered_with_new_key = 0
     for i in range(ITERATIONS):
         state_dir = tmp_path / f"device-{i:02d}"
         args = stack.enroll_args(state_dir, f"kill{i}")
         manifest_file = Path(args[args.index("--manifest-file") + 1])
-        outcome, _ = _run_and_kill(stack.spawn(*args), ("stdout", b"READY"),
-                                   rng.uniform(0.0, window * 1.1))
-        assert outcome != "no-marker"
+        which = i % len(markers)
+        outcome, _ = _run_and_kill(stack, args, markers[which],
+                                   rng.uniform(0.0, windows[which] * KILL_SPAN))
+        kills[outcome] += 1
         store = StateStore(state_dir)
         if not store.exists():
             outcomes["nothing"] += 1  # killed before the first state.json: the old state
@@ -153,27 +156,29 @@ def test_sigkill_during_enrollment(stack: Stack, tmp_path: Path) -> None:
                                          request)
         install(state_dir, response)
         _check_identity(StateStore(state_dir).load())
-    print(f"enrollment kills: window={window * 1000:.0f} ms outcomes={dict(outcomes)} "
-          f"recovered_with_new_key={recovered_with_new_key}")
+    print(f"enrollment kills: windows={_ms(windows)} {dict(kills)} "
+          f"states={dict(outcomes)} recovered_with_new_key={recovered_with_new_key}")
     assert sum(outcomes.values()) == ITERATIONS
+    assert kills["killed"] >= ITERATIONS // 2
     assert len(outcomes) >= 2, f"the kills should hit different phases: {dict(outcomes)}"
     # one recovered device checks in
     last = tmp_path / f"device-{ITERATIONS - 1:02d}"
     stack.agent(*stack.run_args(last), check=True)
 
 
-def _kill_loop(stack: Stack, state_dir: Path, marker: tuple[str, bytes], window: float,
-               rng: random.Random, *, renewing: bool) -> Counter[str]:
+def _kill_loop(stack: Stack, state_dir: Path, markers: list[tuple[str, bytes]], rng: random.Random,
+               *, renewing: bool) -> tuple[list[float], Counter[str]]:
+    windows = [_calibrate(stack, lambda _: stack.run_args(state_dir), m) for m in markers]
     first = StateStore(state_dir).load().state
     device_id = first.device_id
     assert device_id is not None
     last_generation, last_boot = first.generation, first.boot_counter
     outcomes: Counter[str] = Counter()
     serial = first.certificate_serial
-    for _ in range(ITERATIONS):
-        outcome, _ = _run_and_kill(stack.spawn(*stack.run_args(state_dir)), marker,
-                                   rng.uniform(0.0, window * 1.1))
-        assert outcome != "no-marker"
+    for i in range(ITERATIONS):
+        which = i % len(markers)
+        outcome, _ = _run_and_kill(stack, stack.run_args(state_dir), markers[which],
+                                   rng.uniform(0.0, windows[which] * KILL_SPAN))
         identity = StateStore(state_dir).load()
         _check_identity(identity)
         state = identity.state
@@ -185,22 +190,27 @@ def _kill_loop(stack: Stack, state_dir: Path, marker: tuple[str, bytes], window:
         if renewing:
             kind = "new-certificate" if state.certificate_serial != serial else "old-certificate"
         else:
-            kind = "checked-in" if state.checkins_ok > first.checkins_ok else "not-checked-in"
+            kind = ("checked-in" if state.checkins_ok > first.checkins_ok else
+                    "booted" if state.boot_counter > first.boot_counter else "untouched")
             assert state.certificate_serial == serial
         outcomes[f"{outcome}/{kind}"] += 1
         serial = state.certificate_serial
         first = state
         last_generation, last_boot = state.generation, state.boot_counter
-    return outcomes
+    return windows, outcomes
+
+
+def _ms(windows: list[float]) -> list[int]:
+    return [round(w * 1000) for w in windows]
 
 
 def test_sigkill_during_check_in(stack: Stack, tmp_path: Path) -> None:
     rng = random.Random(SEED + 1)
     state_dir = tmp_path / "device"
     stack.agent(*stack.enroll_args(state_dir), check=True)
-    window = _calibrate(stack, stack.run_args(state_dir), ("stdout", b"READY"))
-    outcomes = _kill_loop(stack, state_dir, ("stdout", b"READY"), window, rng, renewing=False)
-    print(f"check-in kills: window={window * 1000:.0f} ms outcomes={dict(outcomes)}")
+    windows, outcomes = _kill_loop(stack, state_dir, [READY, ("stderr", b"agent started")], rng,
+                                   renewing=False)
+    print(f"check-in kills: windows={_ms(windows)} ms outcomes={dict(outcomes)}")
     assert sum(v for k, v in outcomes.items() if k.startswith("killed")) >= ITERATIONS // 2
     after = stack.agent(*stack.run_args(state_dir))
     assert after.returncode == 0, after.stderr
@@ -211,10 +221,9 @@ def test_sigkill_during_renewal(stack: Stack, tmp_path: Path) -> None:
     state_dir = tmp_path / "device"
     stack.set_validity(10)  # every certificate expires within 30 days: always asked to renew
     stack.agent(*stack.enroll_args(state_dir), check=True)
-    marker = ("stderr", b"renewing certificate")
-    window = _calibrate(stack, stack.run_args(state_dir), marker)
-    outcomes = _kill_loop(stack, state_dir, marker, window, rng, renewing=True)
-    print(f"renewal kills: window={window * 1000:.0f} ms outcomes={dict(outcomes)}")
+    windows, outcomes = _kill_loop(stack, state_dir, [("stderr", b"renewing certificate")], rng,
+                                   renewing=True)
+    print(f"renewal kills: windows={_ms(windows)} ms outcomes={dict(outcomes)}")
     assert sum(v for k, v in outcomes.items() if k.startswith("killed")) >= ITERATIONS // 2
     assert any(k.endswith("new-certificate") for k in outcomes), outcomes
     device_id = read_state(state_dir)["device_id"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -469,3 +470,39 @@ def _assert_append_only(engine: Engine) -> None:
         assert conn.execute(select(func.count()).select_from(AuditEvent)).scalar() == n
         assert conn.execute(select(func.count()).select_from(AuditEvent).where(
             AuditEvent.actor == "mallory")).scalar() == 0
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_racing_requests_for_one_device_id(ctx: ServiceContext, fleet: Hierarchy,
+                                           factory: hierarchy.FactoryCreated,
+                                           factory_principal: Principal) -> None:
+    """Two requests claim the same device id at once: exactly one wins, the other is refused
+    precisely (whichever check catches it) and leaves nothing behind."""
+    batch_id = new_batch(ctx, factory_principal, factory, 400, "race")
+    barrier = threading.Barrier(4)
+    outcomes: list[object] = []
+
+    def request(i: int) -> None:
+        items = [Req(csr=device_csr()[0], manifest=manifest()) for _ in range(40)]
+        items.append(Req(csr=device_csr()[0], manifest=manifest(), device_id="contested-1"))
+        barrier.wait()
+        try:
+            outcomes.append(issuance.issue_devices(ctx, factory_principal, batch_id,
+                                                   items[::-1] if i % 2 else items))
+        except FleetTrustError as exc:
+            outcomes.append(exc)
+
+    threads = [threading.Thread(target=request, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [o for o in outcomes if isinstance(o, issuance.IssueResult)]
+    lost = [o for o in outcomes if isinstance(o, FleetTrustError)]
+    assert len(won) == 1
+    assert len(lost) == 3
+    for exc in lost:
+        codes = {e["code"] for e in exc.details.get("errors", [])} or {exc.code}
+        assert codes <= {"device_exists", "concurrent_conflict"}, codes
+    assert issued_count(ctx, batch_id) == 41
+    assert issuance_rows(ctx)[:3] == (41, 41, 41)

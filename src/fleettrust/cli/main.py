@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from fleettrust import __version__
+from fleettrust.cli.agent import agent_app, simulate
 from fleettrust.errors import FleetTrustError
 
 if TYPE_CHECKING:
@@ -884,6 +885,11 @@ def findings_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
     """List open findings."""
     emit(call(server, token, "GET", "/v1/findings"), as_json,
          ["id", "kind", "severity", "reason_code", "device_id", "created_at"])
+
+
+# --- the device agent and the fleet simulator (their own module; commands import lazily).
+app.add_typer(agent_app, name="agent")
+app.command("simulate")(simulate)
 
 
 def main() -> None:  # pragma: no cover

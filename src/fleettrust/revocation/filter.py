@@ -332,9 +332,10 @@ def salt_for(seq: int, universe: int) -> bytes:
 
 
 def build_snapshot(seq: int, issued: Iterable[tuple[str, dt.datetime]], revoked: set[str],
-                   *, now: dt.datetime, margin: dt.timedelta = UNIVERSE_MARGIN) -> Snapshot:
-    """Snapshot of ``revoked`` (hex serials) over ``issued`` ((hex serial, notBefore) pairs)."""
-    cutoff = (now - margin).replace(microsecond=0)
+                   *, now: dt.datetime, margin: dt.timedelta | None = None) -> Snapshot:
+    """Snapshot of ``revoked`` (hex serials) over ``issued`` ((hex serial, notBefore) pairs);
+    the universe ends ``margin`` (default :data:`UNIVERSE_MARGIN`) before ``now``."""
+    cutoff = (now - (UNIVERSE_MARGIN if margin is None else margin)).replace(microsecond=0)
     include: list[bytes] = []
     exclude: list[bytes] = []
     exceptions: set[str] = set()

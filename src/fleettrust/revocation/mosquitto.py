@@ -68,7 +68,6 @@ from fleettrust.services.hierarchy import ca_chain, fleet_ca, pem, urls
 from fleettrust.storage.models import (
     Certificate,
     CertificateAuthority,
-    CrlState,
     Revocation,
     ServerCredential,
 )
@@ -167,7 +166,7 @@ class MosquittoSetup:
 
     def admin_broker(self) -> BrokerSettings:
         return BrokerSettings("127.0.0.1", self.options.admin_port, ADMIN_USER,
-                              self.admin_password, client_id=f"fleettrust-admin-{os.getpid()}")
+                              self.admin_password)
 
     @classmethod
     def load(cls, directory: Path) -> MosquittoSetup:
@@ -219,15 +218,24 @@ def _crl_pem(der: bytes) -> str:
     return f"-----BEGIN X509 CRL-----\n{body}\n-----END X509 CRL-----\n"
 
 
-def stored_crls(ctx: ServiceContext) -> tuple[list[bytes], set[str], int]:
-    """(DER of every published full CRL and shard - no delta CRLs -, the ids of the CAs they
-    cover, the lowest revocation ``seq`` they all cover)."""
+def stored_crls(ctx: ServiceContext) -> tuple[list[bytes], set[str]]:
+    """(DER of every published complete CRL - each shard and the CA-level one, no delta CRLs -,
+    the ids of the CAs they cover), from the CRL publisher's ``crl_documents`` table."""
+    from fleettrust.revocation.models import CrlDocument
+
     with ctx.sessions() as s:
-        rows = s.execute(select(CrlState.ca_id, CrlState.shard, CrlState.base_seq, CrlState.der)
-                         .where(CrlState.shard != DELTA_CRL_SHARD)
-                         .order_by(CrlState.ca_id, CrlState.shard)).all()
-    covered = min((int(r[2]) for r in rows), default=0)
-    return [r[3] for r in rows], {r[0] for r in rows}, covered
+        rows = s.execute(select(CrlDocument.ca_id, CrlDocument.der)
+                         .where(CrlDocument.kind == "full")
+                         .order_by(CrlDocument.ca_id, CrlDocument.shard)).all()
+    return [r[1] for r in rows], {r[0] for r in rows}
+
+
+def crl_serials(ders: Iterable[bytes]) -> set[int]:
+    """Every serial listed by the CRLs (for checking that they cover the new events)."""
+    out: set[int] = set()
+    for der in ders:
+        out.update(r.serial_number for r in x509.load_der_x509_crl(der))
+    return out
 
 
 def issuing_ca_ids(ctx: ServiceContext) -> set[str]:
@@ -238,10 +246,10 @@ def issuing_ca_ids(ctx: ServiceContext) -> set[str]:
             CertificateAuthority.certificate_der.is_not(None))))
 
 
-CrlSource = Callable[[ServiceContext], tuple[list[bytes], set[str], int]]
+CrlSource = Callable[[ServiceContext], tuple[list[bytes], set[str]]]
 
 
-def _default_crl_source(ctx: ServiceContext) -> tuple[list[bytes], set[str], int]:
+def _default_crl_source(ctx: ServiceContext) -> tuple[list[bytes], set[str]]:
     return stored_crls(ctx)
 
 
@@ -419,15 +427,14 @@ def _chown_for_broker(files: MosquittoFiles, user: str) -> None:
 
 
 def write_crl_bundle(ctx: ServiceContext, files: MosquittoFiles,
-                     crl_source: CrlSource) -> tuple[bool, int]:
-    """Rewrite ``crl-bundle.pem``; returns (changed, revocation seq covered)."""
-    ders, covered_cas, seq = crl_source(ctx)
+                     crl_source: CrlSource) -> bool:
+    """Rewrite ``crl-bundle.pem``; returns whether it changed."""
+    ders, covered_cas = crl_source(ctx)
     missing = issuing_ca_ids(ctx) - covered_cas
     if missing:
         log.warning("no CRL for CA(s) %s yet: Mosquitto refuses their devices until one is "
                     "published", ", ".join(sorted(missing)))
-    changed = _write(files.crlfile, "".join(_crl_pem(d) for d in ders))
-    return changed, seq
+    return _write(files.crlfile, "".join(_crl_pem(d) for d in ders))
 
 
 # --- dynamic security admin -----------------------------------------------------------------------
@@ -581,21 +588,29 @@ class MosquittoSync:
 
     # --- one pass ------------------------------------------------------------------------
 
-    def _new_events(self) -> list[tuple[int, str | None, str]]:
+    def _new_events(self) -> list[tuple[int, str | None, str, str, str]]:
         with self.ctx.sessions() as s:
-            return [(int(r[0]), r[1], r[2]) for r in s.execute(
-                select(Revocation.seq, Revocation.device_id, Revocation.action)
+            return [(int(r[0]), r[1], r[2], r[3], r[4]) for r in s.execute(
+                select(Revocation.seq, Revocation.device_id, Revocation.action,
+                       Revocation.serial_hex, Revocation.kind)
                 .where(Revocation.seq > self.last_seq).order_by(Revocation.seq).limit(200_000))]
 
-    def _wait_for_crls(self, seq: int) -> None:
-        """Wait (bounded) until the published CRLs cover ``seq``."""
+    def _wait_for_crls(self, events: Sequence[tuple[int, str | None, str, str, str]]) -> None:
+        """Wait (bounded) until the published CRLs list every device certificate the events
+        revoke or hold (the CRL publisher regenerates them on every revocation)."""
+        state: dict[int, bool] = {}
+        for _, _, action, serial_hex, kind in events:
+            if kind == "device":
+                state[int(serial_hex, 16)] = action != "release"
+        wanted = {s for s, listed in state.items() if listed}
         deadline = time.monotonic() + self.crl_wait_s
-        while True:
-            _, _, covered = self.crl_source(self.ctx)
-            if covered >= seq or time.monotonic() >= deadline:
-                if covered < seq:
-                    log.warning("CRLs cover seq %d < %d after %.0f s; reloading anyway",
-                                covered, seq, self.crl_wait_s)
+        while wanted:
+            missing = wanted - crl_serials(self.crl_source(self.ctx)[0])
+            if not missing:
+                return
+            if time.monotonic() >= deadline:
+                log.warning("%d revoked certificate(s) not on the published CRLs after %.0f s;"
+                            " reloading anyway", len(missing), self.crl_wait_s)
                 return
             time.sleep(0.05)
 
@@ -603,13 +618,13 @@ class MosquittoSync:
         events = self._new_events()
         target = events[-1][0] if events else self.last_seq
         if events:
-            self._wait_for_crls(target)
+            self._wait_for_crls(events)
         ca_changed = _write(self.files.cafile, ca_bundle_pem(self.ctx))
-        crl_changed, _ = write_crl_bundle(self.ctx, self.files, self.crl_source)
+        crl_changed = write_crl_bundle(self.ctx, self.files, self.crl_source)
         reloaded = False
         if crl_changed or ca_changed or force_reload:
             reloaded = self.reload_broker()
-        kick = sorted({d for _, d, action in events if d and action in ("revoke", "hold")})
+        kick = sorted({d for _, d, action, _, _ in events if d and action in ("revoke", "hold")})
         if kick:
             if reloaded:
                 time.sleep(RELOAD_GRACE_S)

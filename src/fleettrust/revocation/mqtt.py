@@ -12,8 +12,9 @@ leader with :func:`leader_lock` (a session-level ``pg_try_advisory_lock`` on Pos
 ``flock`` on a file in the data directory for SQLite, which is single-host anyway). The leader
 resumes from the broker's retained head (so a restarted or newly elected leader neither skips nor
 floods); if the broker has none (a broker restarted without persistence) from what this process
-published last, and a process that never published starts at the database head. Should two leaders ever overlap
-(a dropped database connection releases the advisory lock while the old leader still publishes),
+published last, and a process that never published starts at the database head. Should two
+leaders ever overlap (a dropped database connection releases the advisory lock while the old
+leader still publishes),
 the duplicates are harmless: every event carries its ``seq`` and agents skip those at or below the
 position they applied (:meth:`fleettrust.agent_feed.RevocationFollower.apply`). A page whose
 ``since`` is above an agent's position tells it that it missed something: it catches up with
@@ -162,8 +163,11 @@ class BrokerSettings:
 
 
 def make_client(broker: BrokerSettings, client_id: str) -> mqtt.Client:
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=broker.client_id or client_id,
-                         protocol=mqtt.MQTTv311)
+    """A paho client for ``broker``; the id is ``client_id``, prefixed by the broker settings'
+    ``client_id`` when set (two clients of one process must never share an id: the broker would
+    disconnect the first)."""
+    cid = f"{broker.client_id}-{client_id}" if broker.client_id else client_id
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311)
     if broker.username is not None:
         client.username_pw_set(broker.username, broker.password)
     if broker.tls is not None:

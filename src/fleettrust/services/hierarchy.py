@@ -5,6 +5,13 @@ CSR leaves for the offline root and the signed certificate comes back through
 :func:`import_fleet_certificate`, which checks it matches the pending key and chains to the root
 it is imported with. Factory and batch CAs are signed by the fleet / factory CA online; a factory
 whose CA key lives in its own PKCS#11 token submits a CSR instead (:func:`sign_factory_csr`).
+
+Path lengths: the fleet CA needs pathLen >= 1 (2 when batches get CAs); a factory CA has pathLen 0,
+or 1 when batch CAs are enabled (only for keys the platform holds); a batch CA has pathLen 0.
+An operation that creates a key and then fails deletes the key again: no orphan keys, no rows.
+
+Not here: device certificates (:mod:`fleettrust.services.issuance`), revocation, and anything
+that needs the root's private key (:mod:`fleettrust.ceremony`, offline).
 """
 
 from __future__ import annotations
@@ -17,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
@@ -110,13 +117,15 @@ def crl_shard_urls(ctx: ServiceContext, ca_id: str) -> list[str]:
 
     A certificate with serial ``s`` is listed on shard ``s % len(result)``.
     """
-    base = ctx.settings.base_url
-    return [f"{base}/crl/{ca_id}/{shard}.crl" for shard in range(ctx.settings.crl_shards)]
+    return [_crl_shard_url(ctx, ca_id, shard) for shard in range(ctx.settings.crl_shards)]
 
 
 def crl_url(ctx: ServiceContext, ca_id: str, serial: int) -> str:
     """CRL distribution point of one certificate: its issuer's shard chosen by serial."""
-    shard = serial % ctx.settings.crl_shards
+    return _crl_shard_url(ctx, ca_id, serial % ctx.settings.crl_shards)
+
+
+def _crl_shard_url(ctx: ServiceContext, ca_id: str, shard: int) -> str:
     return f"{ctx.settings.base_url}/crl/{ca_id}/{shard}.crl"
 
 
@@ -270,7 +279,7 @@ def import_fleet_certificate(
         try:
             root.verify_directly_issued_by(root)
             cert.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm) as exc:
             raise ValidationError(
                 "the fleet CA certificate was not issued by this root", code="chain_invalid"
             ) from exc

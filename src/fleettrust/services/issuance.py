@@ -10,10 +10,12 @@ One request is one transaction, all or nothing:
    (device ids given by the caller, public keys already certified). Any error: nothing is
    written and :class:`BulkRejectedError` lists every failing line with its code.
 4. Reserve capacity with one conditional UPDATE, so two server processes cannot overfill a
-   batch; only then sign.
-5. Record hardware identifiers another device already claims as findings (issuance goes on).
-6. Insert devices, certificates, hardware identifiers, findings and one audit event per device
-   in bulk (COPY on PostgreSQL, executemany on SQLite) and commit.
+   batch.
+5. Only then sign (the device profile is built once per issuing CA and cached per process).
+6. Record hardware identifiers another device already claims as findings (issuance goes on).
+7. Insert devices, certificates, hardware identifiers, findings and one audit event per device
+   in bulk (COPY on PostgreSQL, executemany on SQLite, both without per-row ORM work) and
+   commit.
 
 Serial numbers are 159-bit CSPRNG values and ``certificates.serial_hex`` is the primary key, so
 the database refuses a reused serial even across processes.
@@ -38,8 +40,20 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.hazmat.primitives.serialization import pkcs12
-from sqlalchemy import JSON, Connection, Table, select, text, update
+from sqlalchemy import (
+    JSON,
+    Connection,
+    String,
+    Table,
+    any_,
+    bindparam,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql as pg
 from sqlalchemy.engine import CursorResult
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from fleettrust import pki
@@ -192,6 +206,16 @@ def _chunks(seq: Sequence[Any], size: int = _QUERY_CHUNK) -> list[Sequence[Any]]
     return [seq[i : i + size] for i in range(0, len(seq), size)]
 
 
+def _in_conditions(session: Session, column: Any, values: Sequence[str]) -> list[Any]:
+    """``column IN values`` as a list of conditions to query one by one: a single array
+    parameter on PostgreSQL (no per-value placeholders to build and parse), chunks elsewhere."""
+    if not values:
+        return []
+    if session.get_bind().dialect.name == "postgresql":
+        return [column == any_(bindparam(None, list(values), type_=pg.ARRAY(String)))]
+    return [column.in_(chunk) for chunk in _chunks(values)]
+
+
 # --- the batch -------------------------------------------------------------------------------
 
 
@@ -268,15 +292,15 @@ def _database_conflicts(session: Session, prepared: list[_Prepared]) -> list[_Li
     errors: list[_LineError] = []
     given = {p.device_id: p for p in prepared if p.id_given}
     # Generated ids carry 104 random bits; the primary key still refuses a (never seen) clash.
-    for chunk in _chunks(list(given)):
-        for existing in session.scalars(select(Device.id).where(Device.id.in_(chunk))):
+    for cond in _in_conditions(session, Device.id, list(given)):
+        for existing in session.scalars(select(Device.id).where(cond)):
             errors.append((given[existing].line, ConflictError(
                 f"device {existing} is already registered", code="device_exists")))
     by_key = {p.key_fp: p for p in prepared}
-    for chunk in _chunks(list(by_key)):
+    for cond in _in_conditions(session, Certificate.public_key_sha256, list(by_key)):
         rows = session.execute(
             select(Certificate.public_key_sha256, Certificate.device_id, Certificate.kind)
-            .where(Certificate.public_key_sha256.in_(chunk))
+            .where(cond)
         )
         for fp, other, kind in rows:
             holder = f"device {other}" if other else f"a {kind} certificate"
@@ -295,20 +319,30 @@ _PG_HWID_LOOKUP: Final = text(
 def _hardware_conflicts(
     session: Session, prepared: list[_Prepared], now: dt.datetime
 ) -> dict[str, list[dict[str, Any]]]:
-    """Hardware identifiers that another device (stored or in this request) already claims."""
-    claims: dict[tuple[str, str], list[str]] = defaultdict(list)
-    by_kind: dict[str, set[str]] = defaultdict(set)
+    """Hardware identifiers that another device (stored or in this request) already claims.
+
+    Returns finding rows per new device. Few identifiers ever conflict, so the common path
+    allocates one dict entry per identifier and nothing else.
+    """
+    first_claim: dict[tuple[str, str], str] = {}
+    in_request: dict[tuple[str, str], list[str]] = {}  # claimed by 2+ devices of this request
+    by_kind: dict[str, list[str]] = defaultdict(list)
     for p in prepared:
-        for kind, value in p.identifiers:
-            claims[(kind, value)].append(p.device_id)
-            by_kind[kind].add(value)
-    stored: dict[tuple[str, str], list[str]] = defaultdict(list)
+        dev = p.device_id
+        for ident in p.identifiers:
+            prev = first_claim.get(ident)
+            if prev is None:
+                first_claim[ident] = dev
+                by_kind[ident[0]].append(ident[1])
+            elif prev != dev:
+                in_request.setdefault(ident, [prev]).append(dev)
+    stored: dict[tuple[str, str], list[str]] = {}
     postgres = session.get_bind().dialect.name == "postgresql"
     for kind, values in by_kind.items():
         if postgres:
             # One probe of ix_hwid_kind_value per value whatever the planner's statistics say
             # (without them it scans every row of the kind and filters it against the list).
-            results = [session.execute(_PG_HWID_LOOKUP, {"kind": kind, "values": sorted(values)})]
+            results = [session.execute(_PG_HWID_LOOKUP, {"kind": kind, "values": values})]
         else:  # SQLite always probes the index for kind = ? AND value IN (...)
             results = [
                 session.execute(
@@ -316,31 +350,28 @@ def _hardware_conflicts(
                         HardwareIdentifier.kind == kind, HardwareIdentifier.value.in_(chunk)
                     )
                 )
-                for chunk in _chunks(sorted(values))
+                for chunk in _chunks(values)
             ]
         for rows in results:
             for value, other in rows:
-                stored[(kind, value)].append(other)
+                stored.setdefault((kind, value), []).append(other)
     out: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for ident, new_devices in claims.items():
-        if len(new_devices) < 2 and ident not in stored:
-            continue
-        unique = list(dict.fromkeys([*stored.get(ident, ()), *new_devices]))
-        if len(unique) < 2:
-            continue
+    for ident in {*in_request, *stored}:
+        new_devices = in_request.get(ident) or [first_claim[ident]]
+        claimed_by = list(dict.fromkeys([*stored.get(ident, ()), *new_devices]))
         kind, value = ident
         for dev in dict.fromkeys(new_devices):
             out[dev].append({
                 "id": new_id("fnd"), "kind": "hardware_id_conflict", "severity": "high",
                 "reason_code": "CONFLICTING_HARDWARE_ID", "device_id": dev,
                 "evidence": {"identifier_kind": kind, "identifier_value": value,
-                             "claimed_by": unique, "stage": "issuance"},
+                             "claimed_by": claimed_by, "stage": "issuance"},
                 "status": "open", "created_at": now,
             })
     return dict(out)
 
 
-# --- step 6: bulk writes -------------------------------------------------------------------------
+# --- step 7: bulk writes -------------------------------------------------------------------------
 
 
 class _BulkWriter:
@@ -542,14 +573,14 @@ def issue_devices(
              _json(f["evidence"]), f["status"], ts_now)
             for fs in findings.values() for f in fs
         ]
-        integrity_error = _integrity_error(session)
+        integrity_errors = (IntegrityError, _driver_integrity_error(session))
         try:
             w.insert(Device, _DEVICE_COLS, device_rows)
             w.insert(Certificate, _CERT_COLS, cert_rows)
             w.insert(HardwareIdentifier, _HWID_COLS, hw_rows)
             w.insert(Finding, _FINDING_COLS, finding_rows)
             w.insert(AuditEvent, _AUDIT_COLS, audit_rows)
-        except integrity_error as exc:
+        except integrity_errors as exc:
             # A concurrent request registered the same caller-chosen device id after step 3.
             raise ConflictError(
                 f"a concurrent request stored a conflicting device or serial; nothing was"
@@ -561,7 +592,7 @@ def issue_devices(
                            root_pem=chain[-1])
 
 
-def _integrity_error(session: Session) -> type[Exception]:
+def _driver_integrity_error(session: Session) -> type[Exception]:
     """The DB-API driver's IntegrityError (the bulk writer talks to the driver directly)."""
     dbapi = session.get_bind().dialect.loaded_dbapi
     err = getattr(dbapi, "IntegrityError", None)
