@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import ssl
 import base64
 import datetime as dt
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -76,60 +76,92 @@ class DeviceFiles:
     manifest: dict[str, Any]
 
     def client(self, gateway: RunningGateway, **kw: Any) -> httpx.Client:
-        return httpx.Client(base_url=gateway.url,
-                            verify=tls_client(self.root_path, self.cert_path, self.key_path),
-                            timeout=10, **kw)
+        return httpx.Client(
+            base_url=gateway.url,
+            verify=tls_client(self.root_path, self.cert_path, self.key_path),
+            timeout=10,
+            **kw,
+        )
 
-    def checkin_body(self, *, sign_with: ec.EllipticCurvePrivateKey | None = None,
-                     boot_counter: int = 1) -> dict[str, Any]:
+    def checkin_body(
+        self, *, sign_with: ec.EllipticCurvePrivateKey | None = None, boot_counter: int = 1
+    ) -> dict[str, Any]:
         m = pki.normalize_manifest(self.manifest)
-        sig = (sign_with or self.key).sign(MANIFEST_CONTEXT + pki.canonical_json(m),
-                                           ec.ECDSA(hashes.SHA256()))
-        return {"firmware_version": "1.0.0", "boot_counter": boot_counter, "uptime_s": 10,
-                "agent_generation": 1, "manifest": self.manifest,
-                "manifest_signature": base64.b64encode(sig).decode(),
-                "health": {"status": "ok", "metrics": {"temp_c": 41.5}}}
+        sig = (sign_with or self.key).sign(
+            MANIFEST_CONTEXT + pki.canonical_json(m), ec.ECDSA(hashes.SHA256())
+        )
+        return {
+            "firmware_version": "1.0.0",
+            "boot_counter": boot_counter,
+            "uptime_s": 10,
+            "agent_generation": 1,
+            "manifest": self.manifest,
+            "manifest_signature": base64.b64encode(sig).decode(),
+            "health": {"status": "ok", "metrics": {"temp_c": 41.5}},
+        }
 
 
-def enroll(ctx: ServiceContext, principal: Principal, batch_id: str, tmp: Path,
-           name: str = "dev") -> DeviceFiles:
+def enroll(
+    ctx: ServiceContext, principal: Principal, batch_id: str, tmp: Path, name: str = "dev"
+) -> DeviceFiles:
     csr, key = device_csr()
     m = manifest()
-    res = issuance.issue_devices(ctx, principal, batch_id,
-                                 [issuance.IssueRequest(csr=csr, manifest=m)])
+    res = issuance.issue_devices(
+        ctx, principal, batch_id, [issuance.IssueRequest(csr=csr, manifest=m)]
+    )
     d = res.devices[0]
     tmp.mkdir(parents=True, exist_ok=True)
     cert_path = tmp / f"{name}.pem"
     cert_path.write_text(d.certificate_pem + "".join(res.chain_pem))
     key_path = tmp / f"{name}.key"
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     root_path = tmp / "root.pem"
     root_path.write_text(res.root_pem)
     return DeviceFiles(d.device_id, d.serial_hex, key, cert_path, key_path, root_path, m)
 
 
-def foreign_client_cert(tmp: Path, *, expired_from: x509.Certificate | None = None) -> tuple[Path, Path]:
+def foreign_client_cert(
+    tmp: Path, *, expired_from: x509.Certificate | None = None
+) -> tuple[Path, Path]:
     """A self-made CA and client certificate the fleet never issued."""
     now = dt.datetime.now(dt.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Evil CA")])
-    ca = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    _ca = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = (x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "d-evil")]))
-            .issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
-            .sign(ca_key, hashes.SHA256()))
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "d-evil")]))
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(ca_key, hashes.SHA256())
+    )
     cp, kp = tmp / "foreign.pem", tmp / "foreign.key"
     cp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    kp.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                     serialization.PrivateFormat.PKCS8,
-                                     serialization.NoEncryption()))
+    kp.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
     return cp, kp

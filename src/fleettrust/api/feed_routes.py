@@ -297,13 +297,16 @@ def _routes(router: APIRouter) -> APIRouter:
     return router
 
 
-def _device_dependency() -> list[Any]:
+async def _authenticated_device(request: Request) -> Any:
+    """The gateway's device authentication (imported lazily: ``api.gateway`` may include this
+    router while it is itself being imported)."""
     from fleettrust.api.gateway import device_any
 
-    return [Depends(device_any)]
+    return await device_any(request)
 
 
 #: Include in the operator API app (public read, like CRLs).
 operator_router = _routes(APIRouter(tags=["revocation feed"]))
 #: Include in the device gateway app (authenticated devices only).
-gateway_router = _routes(APIRouter(tags=["revocation feed"], dependencies=_device_dependency()))
+gateway_router = _routes(APIRouter(tags=["revocation feed"],
+                                   dependencies=[Depends(_authenticated_device)]))

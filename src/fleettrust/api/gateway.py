@@ -42,10 +42,18 @@ FRESHNESS_S = 1.0
 WATCH_INTERVAL_S = 0.2
 CA_REFRESH_S = 2.0
 MAX_BODY = 64 * 1024
-_ALERTS = {40: "handshake_failure", 42: "bad_certificate", 43: "unsupported_certificate",
-           44: "certificate_revoked", 45: "certificate_expired", 46: "certificate_unknown",
-           48: "unknown_ca", 49: "access_denied", 51: "decrypt_error",
-           116: "certificate_required"}
+_ALERTS = {
+    40: "handshake_failure",
+    42: "bad_certificate",
+    43: "unsupported_certificate",
+    44: "certificate_revoked",
+    45: "certificate_expired",
+    46: "certificate_unknown",
+    48: "unknown_ca",
+    49: "access_denied",
+    51: "decrypt_error",
+    116: "certificate_required",
+}
 
 
 @dataclass
@@ -57,8 +65,9 @@ class _CacheEntry:
 class GatewayState:
     """Per-process state of the gateway: open connections and cached identities."""
 
-    def __init__(self, ctx: ServiceContext, registry: ConnectionRegistry,
-                 ssl_context: ssl.SSLContext | None) -> None:
+    def __init__(
+        self, ctx: ServiceContext, registry: ConnectionRegistry, ssl_context: ssl.SSLContext | None
+    ) -> None:
         self.ctx = ctx
         self.registry = registry
         self.ssl_context = ssl_context
@@ -83,8 +92,9 @@ def install_handshake_logging(context: ssl.SSLContext) -> None:
     alert the server sends, which names the reason (unknown_ca, certificate_expired, ...).
     """
 
-    def callback(conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any,
-                 data: bytes) -> None:
+    def callback(
+        conn: Any, direction: str, version: Any, content_type: Any, msg_type: Any, data: bytes
+    ) -> None:
         if direction == "write" and int(content_type) == 21 and len(data) >= 2 and data[0] == 2:
             reason = _ALERTS.get(data[1], f"alert {data[1]}")
             log.warning("gateway refused TLS client in handshake: %s", reason)
@@ -114,7 +124,8 @@ async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceId
             else:
                 raise AuthenticationError(
                     "a client certificate issued by the fleet is required",
-                    code="client_certificate_required")
+                    code="client_certificate_required",
+                )
         else:
             assert info is not None
             cid = info["connection_id"]
@@ -133,8 +144,14 @@ async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceId
         svc.check_allowed(ident, allow_quarantine=allow_quarantine)
         return ident
     except FleetTrustError as exc:
-        log.warning("gateway refused %s %s from %s: %s (%s)", request.method,
-                    request.url.path, _remote(request), exc.code, exc.message)
+        log.warning(
+            "gateway refused %s %s from %s: %s (%s)",
+            request.method,
+            request.url.path,
+            _remote(request),
+            exc.code,
+            exc.message,
+        )
         raise
 
 
@@ -184,8 +201,9 @@ class AuthIn(_Strict):
     mac: str = Field(max_length=64)
 
 
-def create_gateway_app(ctx: ServiceContext, registry: ConnectionRegistry,
-                       ssl_context: ssl.SSLContext | None = None) -> FastAPI:
+def create_gateway_app(
+    ctx: ServiceContext, registry: ConnectionRegistry, ssl_context: ssl.SSLContext | None = None
+) -> FastAPI:
     state = GatewayState(ctx, registry, ssl_context)
 
     @contextlib.asynccontextmanager
@@ -210,51 +228,63 @@ def create_gateway_app(ctx: ServiceContext, registry: ConnectionRegistry,
     @app.post("/v1/device/checkin")
     async def checkin(body: CheckinIn, request: Request, ident: CheckinDevice) -> dict[str, Any]:
         info = tls_info(request.scope)
-        session = (f"{state.session_id_prefix}{info['connection_id']}" if info else
-                   "secret-session")
+        session = f"{state.session_id_prefix}{info['connection_id']}" if info else "secret-session"
         report = svc.CheckinReport(
-            firmware_version=body.firmware_version, boot_counter=body.boot_counter,
-            uptime_s=body.uptime_s, agent_generation=body.agent_generation,
-            manifest=body.manifest, manifest_signature=body.manifest_signature,
+            firmware_version=body.firmware_version,
+            boot_counter=body.boot_counter,
+            uptime_s=body.uptime_s,
+            agent_generation=body.agent_generation,
+            manifest=body.manifest,
+            manifest_signature=body.manifest_signature,
             health=body.health.model_dump(),
         )
         try:
-            return await run_in_threadpool(svc.checkin, ctx, ident, report,
-                                           remote_addr=_remote(request), session_id=session)
+            return await run_in_threadpool(
+                svc.checkin, ctx, ident, report, remote_addr=_remote(request), session_id=session
+            )
         except FleetTrustError as exc:
-            log.warning("gateway refused check-in of %s: %s (%s)", ident.device_id, exc.code,
-                        exc.message)
+            log.warning(
+                "gateway refused check-in of %s: %s (%s)", ident.device_id, exc.code, exc.message
+            )
             raise
 
     @app.post("/v1/device/renew")
     async def renew(body: RenewIn, request: Request, ident: ActiveDevice) -> dict[str, Any]:
-        return await run_in_threadpool(svc.renew, ctx, ident, body.csr, body.old_key_proof,
-                                       remote_addr=_remote(request))
+        return await run_in_threadpool(
+            svc.renew, ctx, ident, body.csr, body.old_key_proof, remote_addr=_remote(request)
+        )
 
     @app.get("/v1/device/events")
     async def events(request: Request, ident: ActiveDevice) -> StreamingResponse:
         async def stream() -> AsyncIterator[bytes]:
-            yield f"event: hello\ndata: {{\"device_id\": \"{ident.device_id}\"}}\n\n".encode()
+            yield f'event: hello\ndata: {{"device_id": "{ident.device_id}"}}\n\n'.encode()
             while True:
                 await asyncio.sleep(15)
                 if await request.is_disconnected():
                     return
                 yield b"event: ping\ndata: {}\n\n"
 
-        return StreamingResponse(stream(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return StreamingResponse(
+            stream(), media_type="text/event-stream", headers={"Cache-Control": "no-store"}
+        )
 
     @app.post("/v1/device/challenge")
     def challenge(body: ChallengeIn) -> dict[str, str]:
-        return {"device_id": body.device_id,
-                "nonce": shared_secret.issue_challenge(ctx, body.device_id)}
+        return {
+            "device_id": body.device_id,
+            "nonce": shared_secret.issue_challenge(ctx, body.device_id),
+        }
 
     @app.post("/v1/device/auth")
     def auth(body: AuthIn, request: Request) -> dict[str, str]:
-        tok = shared_secret.answer_challenge(ctx, body.device_id, body.nonce, body.mac,
-                                             _remote(request))
-        return {"device_id": tok.device_id, "token": tok.token,
-                "expires_at": tok.expires_at.isoformat()}
+        tok = shared_secret.answer_challenge(
+            ctx, body.device_id, body.nonce, body.mac, _remote(request)
+        )
+        return {
+            "device_id": tok.device_id,
+            "token": tok.token,
+            "expires_at": tok.expires_at.isoformat(),
+        }
 
     return app
 

@@ -28,7 +28,7 @@ from fleettrust.services.secretbox import SecretBox
 from fleettrust.signing.base import KeyStore, Signer
 from fleettrust.storage.db import make_engine, make_sessionmaker
 
-PASSPHRASE_FILE = "keystore.passphrase"
+PASSPHRASE_FILE = "keystore.passphrase"  # noqa: S105 - a file name, not a secret
 
 
 def ensure_passphrase_file(data_dir: Path) -> Path:
@@ -115,7 +115,8 @@ class ServiceContext:
             yield session
 
     def signer(self, key_id: str) -> Signer:
-        return self.cached("signer", key_id, lambda: self.key_store.load(key_id))
+        signer: Signer = self.cached("signer", key_id, lambda: self.key_store.load(key_id))
+        return signer
 
     def cached(self, kind: str, key: str, build: Callable[[], Any]) -> Any:
         """Cache an immutable per-process object (signer, issuance profile)."""

@@ -75,19 +75,27 @@ def identify_certificate(ctx: ServiceContext, cert_der: bytes) -> DeviceIdentity
     try:
         cert = x509.load_der_x509_certificate(cert_der)
     except ValueError as exc:
-        raise AuthenticationError("client certificate is not parseable",
-                                  code="certificate_malformed") from exc
+        raise AuthenticationError(
+            "client certificate is not parseable", code="certificate_malformed"
+        ) from exc
     serial_hex = format(cert.serial_number, "x")
     with ctx.sessions() as s:
         row = s.execute(
-            select(Certificate.der, Certificate.status, Certificate.kind, Device.id,
-                   Device.status, Device.auth_method)
+            select(
+                Certificate.der,
+                Certificate.status,
+                Certificate.kind,
+                Device.id,
+                Device.status,
+                Device.auth_method,
+            )
             .join(Device, Device.id == Certificate.device_id, isouter=True)
             .where(Certificate.serial_hex == serial_hex)
         ).first()
     if row is None or row[0] != cert_der or row[2] != "device":
-        raise AuthorizationError("certificate was not issued to a device by this fleet",
-                                 code="certificate_unknown")
+        raise AuthorizationError(
+            "certificate was not issued to a device by this fleet", code="certificate_unknown"
+        )
     _, cert_status, _, device_id, device_status, auth_method = row
     if cert_status == "revoked":
         raise AuthorizationError("certificate is revoked", code="certificate_revoked")
@@ -131,8 +139,9 @@ def refresh_status(ctx: ServiceContext, ident: DeviceIdentity) -> DeviceIdentity
             raise AuthorizationError("certificate is revoked", code="certificate_revoked")
         if cert_status == "hold":
             raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
-    return DeviceIdentity(ident.device_id, dev_status, ident.auth_method, ident.serial_hex,
-                          ident.certificate_der)
+    return DeviceIdentity(
+        ident.device_id, dev_status, ident.auth_method, ident.serial_hex, ident.certificate_der
+    )
 
 
 def verify_device_signature(public_key: Any, signature: bytes, message: bytes) -> None:
@@ -150,8 +159,9 @@ def verify_device_signature(public_key: Any, signature: bytes, message: bytes) -
         else:
             raise InvalidSignature
     except InvalidSignature as exc:
-        raise AuthorizationError("signature does not verify with the device key",
-                                 code="signature_invalid") from exc
+        raise AuthorizationError(
+            "signature does not verify with the device key", code="signature_invalid"
+        ) from exc
 
 
 def _b64(value: str, what: str) -> bytes:
@@ -188,30 +198,43 @@ def checkin(
     canon = pki.canonical_json(manifest)
     if ident.auth_method == "certificate":
         if not report.manifest_signature:
-            raise AuthorizationError("manifest_signature is required for certificate devices",
-                                     code="manifest_signature_missing")
+            raise AuthorizationError(
+                "manifest_signature is required for certificate devices",
+                code="manifest_signature_missing",
+            )
         try:
-            verify_device_signature(ident.public_key(),
-                                    _b64(report.manifest_signature, "manifest_signature"),
-                                    MANIFEST_CONTEXT + canon)
+            verify_device_signature(
+                ident.public_key(),
+                _b64(report.manifest_signature, "manifest_signature"),
+                MANIFEST_CONTEXT + canon,
+            )
         except AuthorizationError as exc:
             raise AuthorizationError(
                 "manifest signature does not verify with the certificate's key",
-                code="manifest_signature_invalid") from exc
+                code="manifest_signature_invalid",
+            ) from exc
     # Step 2: record the device's state.
     renew = False
     with ctx.transaction() as s:
         s.execute(
-            update(Device).where(Device.id == ident.device_id).values(
-                last_seen_at=now, last_remote_addr=remote_addr, last_session=session_id,
-                firmware_version=report.firmware_version, boot_counter=report.boot_counter,
-                agent_generation=report.agent_generation, uptime_s=report.uptime_s,
-                health=report.health, checkin_count=Device.checkin_count + 1,
+            update(Device)
+            .where(Device.id == ident.device_id)
+            .values(
+                last_seen_at=now,
+                last_remote_addr=remote_addr,
+                last_session=session_id,
+                firmware_version=report.firmware_version,
+                boot_counter=report.boot_counter,
+                agent_generation=report.agent_generation,
+                uptime_s=report.uptime_s,
+                health=report.health,
+                checkin_count=Device.checkin_count + 1,
             )
         )
         if ident.serial_hex is not None:
-            not_after = s.scalar(select(Certificate.not_after)
-                                 .where(Certificate.serial_hex == ident.serial_hex))
+            not_after = s.scalar(
+                select(Certificate.not_after).where(Certificate.serial_hex == ident.serial_hex)
+            )
             renew = not_after is not None and not_after - now < RENEW_BEFORE
     return {
         "device_id": ident.device_id,
@@ -225,66 +248,117 @@ def checkin(
 
 
 def renew(
-    ctx: ServiceContext, ident: DeviceIdentity, csr_pem: str, old_key_proof: str,
-    *, remote_addr: str | None,
+    ctx: ServiceContext,
+    ident: DeviceIdentity,
+    csr_pem: str,
+    old_key_proof: str,
+    *,
+    remote_addr: str | None,
 ) -> dict[str, Any]:
     """Issue a new certificate for the same device to a new key (mTLS devices only)."""
     check_allowed(ident)
     if ident.serial_hex is None:
-        raise AuthorizationError("renewal needs a certificate-authenticated device",
-                                 code="certificate_required")
+        raise AuthorizationError(
+            "renewal needs a certificate-authenticated device", code="certificate_required"
+        )
     csr = pki.load_csr(csr_pem)
     new_key = csr.public_key()
     pki.check_key_allowed(new_key)
     csr_der = csr.public_bytes(serialization.Encoding.DER)
     try:
-        verify_device_signature(ident.public_key(), _b64(old_key_proof, "old_key_proof"),
-                                RENEW_CONTEXT + hashlib.sha256(csr_der).digest())
+        verify_device_signature(
+            ident.public_key(),
+            _b64(old_key_proof, "old_key_proof"),
+            RENEW_CONTEXT + hashlib.sha256(csr_der).digest(),
+        )
     except AuthorizationError as exc:
-        raise AuthorizationError("old_key_proof does not verify with the current key",
-                                 code="old_key_proof_invalid") from exc
+        raise AuthorizationError(
+            "old_key_proof does not verify with the current key", code="old_key_proof_invalid"
+        ) from exc
     key_fp = pki.public_key_fingerprint(new_key)
     now = ctx.clock.now()
     with ctx.transaction() as s:
-        if s.scalar(select(func.count()).select_from(Certificate)
-                    .where(Certificate.public_key_sha256 == key_fp)):
+        if s.scalar(
+            select(func.count())
+            .select_from(Certificate)
+            .where(Certificate.public_key_sha256 == key_fp)
+        ):
             raise ConflictError("this public key is already certified", code="key_reused")
         old = s.get(Certificate, ident.serial_hex)
         device = s.get(Device, ident.device_id)
-        assert old is not None and device is not None
+        assert old is not None
+        assert device is not None
         ca = s.get(CertificateAuthority, old.ca_id)
         assert ca is not None
         if ca.status != "active" or ca.key_location != "platform":
-            raise ConflictError(f"issuing CA {ca.id} cannot renew ({ca.status}, "
-                                f"{ca.key_location} key)", code="ca_cannot_renew")
+            raise ConflictError(
+                f"issuing CA {ca.id} cannot renew ({ca.status}, {ca.key_location} key)",
+                code="ca_cannot_renew",
+            )
         profile = _profile(ctx, ca)
         serial = pki.new_serial()
         cert = profile.issue(
-            new_key, device_id=device.id, serial=serial, now=now,
-            validity_days=ctx.settings.device_validity_days, batch_id=device.batch_id,
+            new_key,
+            device_id=device.id,
+            serial=serial,
+            now=now,
+            validity_days=ctx.settings.device_validity_days,
+            batch_id=device.batch_id,
             manifest_sha256=bytes.fromhex(device.manifest_sha256),
             crl_url=crl_url(ctx, ca.id, serial),
         )
         der = cert.public_bytes(serialization.Encoding.DER)
-        s.add(Certificate(
-            serial_hex=format(serial, "x"), ca_id=ca.id, kind="device", device_id=device.id,
-            subject_ca_id=None, der=der, public_key_sha256=key_fp,
-            not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-            status="good", revoked_at=None, revocation_reason=None, created_at=now,
-        ))
-        principal = Principal(token_id="-", role="device", subject=device.id,
-                              remote_addr=remote_addr)
-        audit.record(s, principal, "certificate.renewed", "device", device.id, now,
-                     old_serial=ident.serial_hex, serial=format(serial, "x"), ca_id=ca.id,
-                     key_fingerprint=key_fp)
+        s.add(
+            Certificate(
+                serial_hex=format(serial, "x"),
+                ca_id=ca.id,
+                kind="device",
+                device_id=device.id,
+                subject_ca_id=None,
+                der=der,
+                public_key_sha256=key_fp,
+                not_before=cert.not_valid_before_utc,
+                not_after=cert.not_valid_after_utc,
+                status="good",
+                revoked_at=None,
+                revocation_reason=None,
+                created_at=now,
+            )
+        )
+        principal = Principal(
+            token_id="-",  # noqa: S106 - devices act without an API token
+            role="device",
+            subject=device.id,
+            remote_addr=remote_addr,
+        )
+        audit.record(
+            s,
+            principal,
+            "certificate.renewed",
+            "device",
+            device.id,
+            now,
+            old_serial=ident.serial_hex,
+            serial=format(serial, "x"),
+            ca_id=ca.id,
+            key_fingerprint=key_fp,
+        )
         chain = ca_chain(s, ca.id)
-    return {"device_id": device.id, "serial": format(serial, "x"),
-            "certificate_pem": _der_to_pem(der), "chain_pem": [pem(c) for c in chain[:-1]],
-            "root_pem": pem(chain[-1])}
+    return {
+        "device_id": device.id,
+        "serial": format(serial, "x"),
+        "certificate_pem": _der_to_pem(der),
+        "chain_pem": [pem(c) for c in chain[:-1]],
+        "root_pem": pem(chain[-1]),
+    }
 
 
 def set_device_status(
-    ctx: ServiceContext, principal: Principal, device_id: str, status: str, reason: str | None,
+    ctx: ServiceContext,
+    principal: Principal,
+    device_id: str,
+    status: str,
+    reason: str | None,
 ) -> dict[str, Any]:
     """Suspend, quarantine, decommission or re-activate a device (operator action, audited).
 
@@ -293,8 +367,9 @@ def set_device_status(
     """
     require(principal, "admin")
     if status not in ("active", "suspended", "quarantined", "decommissioned"):
-        raise ValidationError("status must be active, suspended, quarantined or decommissioned",
-                              code="bad_status")
+        raise ValidationError(
+            "status must be active, suspended, quarantined or decommissioned", code="bad_status"
+        )
     if reason is not None and (len(reason) > 200 or not reason.isprintable()):
         raise ValidationError("reason must be at most 200 printable characters")
     now = ctx.clock.now()
@@ -308,21 +383,40 @@ def set_device_status(
         if previous != status:
             d.status = status
             d.status_reason = reason
-            s.add(StatusChange(device_id=device_id, serial_hex=None, status=status,
-                               reason=reason, created_at=now))
-            audit.record(s, principal, f"device.{status}" if status != "active" else
-                         "device.reactivated", "device", device_id, now,
-                         previous=previous, reason=reason)
+            s.add(
+                StatusChange(
+                    device_id=device_id,
+                    serial_hex=None,
+                    status=status,
+                    reason=reason,
+                    created_at=now,
+                )
+            )
+            audit.record(
+                s,
+                principal,
+                f"device.{status}" if status != "active" else "device.reactivated",
+                "device",
+                device_id,
+                now,
+                previous=previous,
+                reason=reason,
+            )
         return {"device_id": device_id, "status": status, "previous": previous}
 
 
-def status_changes_since(ctx: ServiceContext, after_id: int,
-                         limit: int = 1000) -> list[tuple[int, str | None, str]]:
+def status_changes_since(
+    ctx: ServiceContext, after_id: int, limit: int = 1000
+) -> list[tuple[int, str | None, str]]:
     with ctx.sessions() as s:
         return [
-            (r[0], r[1], r[2]) for r in s.execute(
+            (r[0], r[1], r[2])
+            for r in s.execute(
                 select(StatusChange.id, StatusChange.device_id, StatusChange.status)
-                .where(StatusChange.id > after_id).order_by(StatusChange.id).limit(limit))
+                .where(StatusChange.id > after_id)
+                .order_by(StatusChange.id)
+                .limit(limit)
+            )
         ]
 
 
@@ -362,7 +456,8 @@ def ensure_gateway_credential(
     with ctx.transaction() as s:
         fca = fleet_ca(s)
         current = s.scalars(
-            select(ServerCredential).where(ServerCredential.purpose == "gateway")
+            select(ServerCredential)
+            .where(ServerCredential.purpose == "gateway")
             .order_by(ServerCredential.created_at.desc())
         ).first()
         if current is None or current.names != names or current.not_after - now < RENEW_BEFORE:
@@ -371,32 +466,67 @@ def ensure_gateway_credential(
             u = urls(ctx, fca.id)
             serial = pki.new_serial()
             cert = pki.issue_server_certificate(
-                ctx.signer(fca.key_id), x509.load_der_x509_certificate(
-                    fca.certificate_der or b""),
-                signer.public_key(), dns_names=dns_names,
+                ctx.signer(fca.key_id),
+                x509.load_der_x509_certificate(fca.certificate_der or b""),
+                signer.public_key(),
+                dns_names=dns_names,
                 ip_addresses=[ipaddress.ip_address(i) for i in ip_addresses],
-                organization=ctx.settings.organization, serial=serial, now=now,
-                validity_days=397, crl_url=u["crl"], ocsp_url=u["ocsp"],
+                organization=ctx.settings.organization,
+                serial=serial,
+                now=now,
+                validity_days=397,
+                crl_url=u["crl"],
+                ocsp_url=u["ocsp"],
                 ca_issuers_url=u["ca_issuers"],
             )
             der = cert.public_bytes(serialization.Encoding.DER)
-            current = ServerCredential(id=new_id("srv"), purpose="gateway",
-                                       key_id=signer.key_id, certificate_der=der, names=names,
-                                       not_after=cert.not_valid_after_utc, created_at=now)
+            current = ServerCredential(
+                id=new_id("srv"),
+                purpose="gateway",
+                key_id=signer.key_id,
+                certificate_der=der,
+                names=names,
+                not_after=cert.not_valid_after_utc,
+                created_at=now,
+            )
             s.add(current)
-            s.add(Certificate(
-                serial_hex=format(serial, "x"), ca_id=fca.id, kind="server", device_id=None,
-                subject_ca_id=None, der=der,
-                public_key_sha256=pki.public_key_fingerprint(signer.public_key()),
-                not_before=cert.not_valid_before_utc, not_after=cert.not_valid_after_utc,
-                status="good", revoked_at=None, revocation_reason=None, created_at=now,
-            ))
-            audit.record(s, Principal("-", "system", "fleettrust"), "gateway.certificate",
-                         "server", current.id, now, serial=format(serial, "x"), names=names)
+            s.add(
+                Certificate(
+                    serial_hex=format(serial, "x"),
+                    ca_id=fca.id,
+                    kind="server",
+                    device_id=None,
+                    subject_ca_id=None,
+                    der=der,
+                    public_key_sha256=pki.public_key_fingerprint(signer.public_key()),
+                    not_before=cert.not_valid_before_utc,
+                    not_after=cert.not_valid_after_utc,
+                    status="good",
+                    revoked_at=None,
+                    revocation_reason=None,
+                    created_at=now,
+                )
+            )
+            audit.record(
+                s,
+                Principal("-", "system", "fleettrust"),
+                "gateway.certificate",
+                "server",
+                current.id,
+                now,
+                serial=format(serial, "x"),
+                names=names,
+            )
         chain = ca_chain(s, fca.id)
-        cas = [c.certificate_der for c in s.scalars(
-            select(CertificateAuthority).where(CertificateAuthority.status == "active",
-                                               CertificateAuthority.certificate_der.is_not(None)))]
+        cas = [
+            c.certificate_der
+            for c in s.scalars(
+                select(CertificateAuthority).where(
+                    CertificateAuthority.status == "active",
+                    CertificateAuthority.certificate_der.is_not(None),
+                )
+            )
+        ]
         server_pem = _der_to_pem(current.certificate_der)
         key_id = current.key_id
     gw_dir = ctx.settings.data_dir / "gateway"
@@ -405,16 +535,23 @@ def ensure_gateway_credential(
     _write(chain_path, server_pem + "".join(pem(c) for c in chain[:-1]))
     client_ca = gw_dir / "client-ca.pem"
     _write(client_ca, "".join(_der_to_pem(d) for d in cas if d))
-    return GatewayCredential(key_path=str(store.path_for(key_id)),
-                             cert_chain_path=str(chain_path), client_ca_path=str(client_ca),
-                             root_pem=pem(chain[-1]))
+    return GatewayCredential(
+        key_path=str(store.path_for(key_id)),
+        cert_chain_path=str(chain_path),
+        client_ca_path=str(client_ca),
+        root_pem=pem(chain[-1]),
+    )
 
 
 def active_ca_pems(ctx: ServiceContext) -> list[str]:
     with ctx.sessions() as s:
-        return [_der_to_pem(c.certificate_der) for c in s.scalars(
-            select(CertificateAuthority).where(CertificateAuthority.status == "active"))
-            if c.certificate_der]
+        return [
+            _der_to_pem(c.certificate_der)
+            for c in s.scalars(
+                select(CertificateAuthority).where(CertificateAuthority.status == "active")
+            )
+            if c.certificate_der
+        ]
 
 
 def _write(path: Any, text: str) -> None:
