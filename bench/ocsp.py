@@ -65,6 +65,9 @@ ROOT_PASSPHRASE = b"bench root passphrase"
 KEYSTORE_PASSPHRASE = "bench key-store passphrase"
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
+#: The same HTTP protocol for every uvicorn server measured: httptools with TCP_NODELAY (stock
+#: uvicorn --workers N leaves Nagle on without uvloop: ~40 ms per response, see ocsp_routes).
+HTTP = "fleettrust.api.ocsp_routes:NoDelayHttpToolsProtocol"
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -325,7 +328,7 @@ def listening(port: int) -> bool:
 
 @contextmanager
 def process(argv: list[str], env: dict[str, str], port: int, log: Path, *,
-            new_session: bool = True) -> Iterator[None]:
+            new_session: bool = True) -> Iterator[int]:
     """Run a server in its own process group until the block ends, then kill the group.
 
     ``openssl ocsp -multi`` makes its own process group (``setpgid(0, 0)``, which fails, and
@@ -343,7 +346,7 @@ def process(argv: list[str], env: dict[str, str], port: int, log: Path, *,
                 raise RuntimeError(f"{argv[0]} did not listen on {port}:\n{_tail(log)}")
             time.sleep(0.05)
         time.sleep(0.3)  # every worker up
-        yield
+        yield proc.pid  # = its process group
     finally:
         with _suppress():
             os.killpg(proc.pid, signal.SIGTERM)
@@ -372,7 +375,7 @@ def openssl_argv(s: Setup, port: int) -> list[str]:
 
 def uvicorn_argv(spec: str, port: int, *, factory: bool, app_dir: Path | None = None) -> list[str]:
     argv = [PYTHON, "-m", "uvicorn", spec, "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "2", "--no-access-log", "--log-level", "warning", "--http", "httptools"]
+            "--workers", "2", "--no-access-log", "--log-level", "warning", "--http", HTTP]
     if factory:
         argv.append("--factory")
     if app_dir is not None:
@@ -400,6 +403,26 @@ def check_answer(url: str, s: Setup) -> str:
 # --- the client ---------------------------------------------------------------------------------
 
 
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of process group ``pgid``."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid:  # pgrp
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / _TICK
+
+
 @dataclass
 class Result:
     name: str
@@ -411,10 +434,12 @@ class Result:
     requests: int
     errors: int
     check: str
+    cpu_us: float = 0.0  # server CPU time per response (all its processes)
 
 
 def run_wrk(name: str, url: str, s: Setup, script: Path, *, duration: float, connections: int,
-            threads: int, check: str) -> Result:
+            threads: int, check: str, pgid: int) -> Result:
+    cpu0 = group_cpu_seconds(pgid)
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{duration:g}s", "--timeout", "5s",
             "-s", str(script), url]
     out = subprocess.run(argv, env={**os.environ, **s.env}, capture_output=True, text=True,
@@ -422,12 +447,14 @@ def run_wrk(name: str, url: str, s: Setup, script: Path, *, duration: float, con
     match = re.search(r"^WRKJSON (\{.*\})$", out.stdout, re.MULTILINE)
     if out.returncode != 0 or match is None:
         raise RuntimeError(f"wrk failed for {name}: {out.stdout}\n{out.stderr}")
+    cpu = group_cpu_seconds(pgid) - cpu0
     data = json.loads(match.group(1))
     errors = sum(data[k] for k in ("connect", "read", "write", "status", "timeout"))
     return Result(name=name, rate=data["requests"] / (data["duration_us"] / 1e6),
                   p50_ms=data["p50_us"] / 1000, p90_ms=data["p90_us"] / 1000,
                   p99_ms=data["p99_us"] / 1000, max_ms=data["max_us"] / 1000,
-                  requests=data["requests"], errors=errors, check=check)
+                  requests=data["requests"], errors=errors, check=check,
+                  cpu_us=cpu / max(data["requests"], 1) * 1e6)
 
 
 def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path) -> Result:
@@ -437,22 +464,23 @@ def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path)
     with process(openssl_argv(s, port), {}, port, log, new_session=False):
         check = check_answer(f"http://127.0.0.1:{port}/", s)
     port = free_port()
-    with process(openssl_argv(s, port), {}, port, log, new_session=False):
+    with process(openssl_argv(s, port), {}, port, log, new_session=False) as pgid:
         return run_wrk("openssl ocsp -multi 2", f"http://127.0.0.1:{port}/", s, script,
                        duration=args.duration, connections=args.connections,
-                       threads=args.threads, check=check)
+                       threads=args.threads, check=check, pgid=pgid)
 
 
 def measure_uvicorn(name: str, argv_for: Any, s: Setup, script: Path, args: argparse.Namespace,
                     log: Path) -> Result:
     port = free_port()
     url = f"http://127.0.0.1:{port}/ocsp"
-    with process(argv_for(port), s.env, port, log):
+    with process(argv_for(port), s.env, port, log) as pgid:
         check = check_answer(url, s)
         run_wrk(name, url, s, script, duration=args.warmup, connections=args.connections,
-                threads=args.threads, check=check)  # warm-up: every worker's cache fills
+                threads=args.threads, check=check, pgid=pgid)  # warm-up: every cache fills
         return run_wrk(name, url, s, script, duration=args.duration,
-                       connections=args.connections, threads=args.threads, check=check)
+                       connections=args.connections, threads=args.threads, check=check,
+                       pgid=pgid)
 
 
 def _median(values: list[float]) -> float:
@@ -519,18 +547,20 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"\n{args.connections} kept-alive connections, wrk -t{args.threads}, "
           f"{args.duration:g} s per run, median of {args.rounds} interleaved rounds\n")
-    print(f"{'server':46} {'resp/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'errors':>6}")
+    print(f"{'server':46} {'resp/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/resp':>11} "
+          f"{'errors':>6}")
     summary = []
     for i, (name, _m) in enumerate(servers):
         runs = [row[i] for row in rounds]
         med = {"name": name, "rate": _median([r.rate for r in runs]),
                "p50_ms": _median([r.p50_ms for r in runs]),
                "p99_ms": _median([r.p99_ms for r in runs]),
+               "cpu_us": _median([r.cpu_us for r in runs]),
                "errors": sum(r.errors for r in runs), "check": runs[0].check,
                "runs": [asdict(r) for r in runs]}
         summary.append(med)
         print(f"{name:46} {med['rate']:9.0f} {med['p50_ms']:7.2f} {med['p99_ms']:7.2f} "
-              f"{med['errors']:6d}")
+              f"{med['cpu_us']:11.1f} {med['errors']:6d}")
     vs_openssl = _median([row[2].rate / row[0].rate for row in rounds])
     vs_plain = _median([row[2].rate / row[1].rate for row in rounds])
     p99 = float(summary[2]["p99_ms"])  # type: ignore[arg-type]
@@ -539,7 +569,11 @@ def main(argv: list[str] | None = None) -> int:
     print(f"fleettrust / plain:   {vs_plain:.2f}x (goal >= 0.85x) "
           f"{'ok' if vs_plain >= 0.85 else 'MISSED'}")
     print(f"fleettrust p99:       {p99:.2f} ms (goal <= 2 ms) {'ok' if p99 <= 2.0 else 'MISSED'}")
+    cpu_vs_openssl = _median([row[0].cpu_us / row[2].cpu_us for row in rounds if row[2].cpu_us])
+    cpu_vs_plain = _median([row[1].cpu_us / row[2].cpu_us for row in rounds if row[2].cpu_us])
     print("(ratios: median of the per-round ratios)")
+    print(f"server CPU per response, fleettrust vs openssl: {cpu_vs_openssl:.2f}x less; "
+          f"vs plain: {cpu_vs_plain:.2f}x (1.0 = same cost; robust to other load on the host)")
     if any(m["errors"] for m in summary):
         print("errors during the runs; see the table", file=sys.stderr)
     if args.json:
@@ -548,6 +582,7 @@ def main(argv: list[str] | None = None) -> int:
             "rounds": args.rounds, "connections": args.connections,
             "wrk_threads": args.threads, "servers": summary,
             "ratio_vs_openssl": vs_openssl, "ratio_vs_plain": vs_plain,
+            "cpu_efficiency_vs_openssl": cpu_vs_openssl, "cpu_efficiency_vs_plain": cpu_vs_plain,
         }, indent=2))
     return 0
 

@@ -196,3 +196,57 @@ def sign_ca_csr(
         fh.flush()
         os.fsync(fh.fileno())
     return cert
+
+
+ROOT_CRL_STATE = "crl.json"
+
+
+def root_crl(
+    directory: Path,
+    *,
+    passphrase: bytes | None,
+    now: dt.datetime,
+    revoke: list[tuple[int, str]] | None = None,
+    validity_days: int = 180,
+    pkcs11_pin: str | None = None,
+) -> x509.CertificateRevocationList:
+    """Sign the root's CRL (offline): everything revoked so far plus ``revoke`` (serial,
+    RFC 5280 reason) pairs. The state (CRL number, revoked serials) is kept in ``crl.json``
+    in the root directory, so numbers only grow and revocations are never forgotten.
+
+    Profile (ADR 0008): complete CRL, no Issuing Distribution Point (the root and the fleet CA
+    certificate carry no CRL DP, and OpenSSL refuses an IDP-scoped CRL for such certificates),
+    Authority Key Identifier, CRL Number; upload it to the server (``POST /v1/crl/root``).
+    """
+    from fleettrust.revocation import crl as crlmod
+    from fleettrust.services.revocation import REASONS
+
+    if not 1 <= validity_days <= 3650:
+        raise ValidationError("validity_days must be between 1 and 3650", code="bad_validity")
+    state_path = directory / ROOT_CRL_STATE
+    state: dict[str, object] = {"number": 0, "revoked": []}
+    if state_path.exists():
+        try:
+            state = json.loads(state_path.read_text())
+        except ValueError as exc:
+            raise ValidationError(f"{state_path} is corrupt: {exc}",
+                                  code="root_dir_corrupt") from exc
+    listed = {int(str(e["serial"]), 16): e for e in state["revoked"]}  # type: ignore[attr-defined]
+    for serial, reason in revoke or []:
+        if serial <= 0:
+            raise ValidationError("serial numbers are positive", code="bad_serial")
+        if reason not in REASONS or reason == "certificateHold":
+            raise ValidationError(f"unknown revocation reason {reason!r}", code="bad_reason")
+        listed.setdefault(serial, {"serial": format(serial, "x"), "reason": reason,
+                                   "revoked_at": now.replace(microsecond=0).isoformat()})
+    number = int(state["number"]) + 1  # type: ignore[call-overload]
+    entries = [crlmod.CrlEntry(s, dt.datetime.fromisoformat(str(e["revoked_at"])),
+                               str(e["reason"])) for s, e in listed.items()]
+    with open_root(directory, passphrase=passphrase, pkcs11_pin=pkcs11_pin) as (root, signer):
+        crl = signer.sign_crl(crlmod.build_complete_crl(
+            root, entries, crl_number=number, this_update=now,
+            next_update=now + dt.timedelta(days=validity_days), scope=crlmod.Scope(None)))
+    new_state = {"number": number, "revoked": sorted(listed.values(),
+                                                     key=lambda e: str(e["serial"]))}
+    _atomic_write(state_path, json.dumps(new_state, indent=2).encode(), mode=0o600)
+    return crl

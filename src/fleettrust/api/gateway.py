@@ -6,8 +6,17 @@ quarantined (except check-in) and decommissioned devices, each with its own prob
 logs the refusal. The identity is cached per TLS connection and re-validated against the
 database at most ``FRESHNESS_S`` later; a background task follows ``status_changes`` and closes
 every open connection (event streams included) of a device whose status changed, in every
-server process. TLS handshake refusals (unknown CA, expired certificate) are logged from the
-TLS alert the server sends.
+server process.
+
+Revocation: every request is also checked, in O(1), against the process's
+:class:`~fleettrust.revocation.index.RevocationIndex` (per-certificate entries and the rules of
+batch / factory / CA / breach-window revocations, synced from the database every 100 ms by
+:func:`~fleettrust.revocation.index.follow`). When a sync brings a revocation or hold, the
+connections of the affected devices are closed at once; a new rule (a batch revoked) re-checks
+every open connection's identity.
+
+TLS handshake refusals (unknown CA, expired certificate) are logged from the TLS alert the
+server sends.
 
 Not here: the TLS server itself (``api.tls``) or any business rule (``services.gateway``).
 """
@@ -32,7 +41,8 @@ from starlette.concurrency import run_in_threadpool
 from fleettrust import __version__
 from fleettrust.api.problems import BodyLimitMiddleware, install_error_handlers
 from fleettrust.api.tls import ConnectionRegistry, tls_info
-from fleettrust.errors import AuthenticationError, FleetTrustError
+from fleettrust.errors import AuthenticationError, AuthorizationError, FleetTrustError
+from fleettrust.revocation.index import RevocationEvent, RevocationIndex, RevocationRule, follow
 from fleettrust.services import gateway as svc
 from fleettrust.services import shared_secret
 from fleettrust.services.context import ServiceContext
@@ -40,6 +50,7 @@ from fleettrust.services.context import ServiceContext
 log = logging.getLogger("fleettrust.gateway")
 FRESHNESS_S = 1.0
 WATCH_INTERVAL_S = 0.2
+REVOCATION_SYNC_S = 0.1
 CA_REFRESH_S = 2.0
 MAX_BODY = 64 * 1024
 _ALERTS = {
@@ -76,6 +87,41 @@ class GatewayState:
         self.known_cas: set[str] = set()
         self.session_id_prefix = f"{os.getpid()}-"
         self.closed_total = 0
+        self.index = RevocationIndex(ctx)
+
+    def check_revocation(self, ident: svc.DeviceIdentity) -> None:
+        """Refuse a revoked or held certificate (or device), from memory: O(1)."""
+        st = self.index.check(ident.serial_hex, ca_id=ident.ca_id, batch_id=ident.batch_id,
+                              factory_id=ident.factory_id, device_id=ident.device_id,
+                              issued_at=ident.issued_at)
+        if st is None:
+            return
+        if ident.serial_hex is None:
+            raise AuthorizationError("device is revoked", code="device_revoked")
+        if st.status == "hold":
+            raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
+        raise AuthorizationError("certificate is revoked", code="certificate_revoked")
+
+    def on_revocations(self, events: list[RevocationEvent]) -> None:
+        """Close the connections of devices whose certificate was just revoked or held."""
+        for device_id in {e.device_id for e in events if e.action != "release" and e.device_id}:
+            if device_id in self.by_device:
+                n = self.evict_device(device_id)
+                log.info("device %s: certificate revoked/held, closed %d connection(s)",
+                         device_id, n)
+
+    def on_rules(self, rules: list[RevocationRule]) -> None:
+        """A batch / factory / CA / window revocation: re-check every open connection."""
+        refused: set[str] = set()
+        for entry in list(self.cache.values()):
+            try:
+                self.check_revocation(entry.ident)
+            except AuthorizationError:
+                refused.add(entry.ident.device_id)
+        for device_id in refused:
+            n = self.evict_device(device_id)
+            log.info("device %s: revoked by %s, closed %d connection(s)", device_id,
+                     ", ".join(r.operation_id for r in rules), n)
 
     def evict_device(self, device_id: str) -> int:
         for cid in self.by_device.pop(device_id, set()):
@@ -141,6 +187,7 @@ async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceId
                 st.cache[cid] = _CacheEntry(ident, now)
             else:
                 ident = entry.ident
+        st.check_revocation(ident)
         svc.check_allowed(ident, allow_quarantine=allow_quarantine)
         return ident
     except FleetTrustError as exc:
@@ -208,13 +255,27 @@ def create_gateway_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        task = asyncio.create_task(_watch(state))
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(state.index.load)
+
+        def on_events(events: list[RevocationEvent]) -> None:  # sync thread -> event loop
+            loop.call_soon_threadsafe(state.on_revocations, events)
+
+        def on_rules(rules: list[RevocationRule]) -> None:
+            loop.call_soon_threadsafe(state.on_rules, rules)
+
+        state.index.subscribe(on_events)
+        state.index.subscribe_rules(on_rules)
+        tasks = [asyncio.create_task(_watch(state)),
+                 asyncio.create_task(follow(state.index, REVOCATION_SYNC_S))]
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(title="fleettrust device gateway", version=__version__, lifespan=lifespan)
     app.state.gateway = state

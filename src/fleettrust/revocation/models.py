@@ -71,6 +71,8 @@ class CrlDocument(Base):
     base_number: Mapped[int | None] = mapped_column(BigInteger)
     this_update: Mapped[dt.datetime]
     next_update: Mapped[dt.datetime]
+    log_seq: Mapped[int] = mapped_column(BigInteger)  # revocations of this CA covered
+    op_seq: Mapped[int] = mapped_column(BigInteger)  # revocation operations covered
     der: Mapped[bytes] = mapped_column(LargeBinary)
 
 

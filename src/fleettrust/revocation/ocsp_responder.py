@@ -117,6 +117,15 @@ class CachedResponse:
     status: str
     this_update: dt.datetime | None = None
     next_update: dt.datetime | None = None
+    #: Ready-made ASGI messages for a 200 answer; shared between requests, never mutate them.
+    start_message: dict[str, Any] = field(init=False, repr=False, compare=False)
+    body_message: dict[str, Any] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "start_message", {
+            "type": "http.response.start", "status": 200, "headers": self.headers})
+        object.__setattr__(self, "body_message", {
+            "type": "http.response.body", "body": self.body})
 
 
 def _error(status: ocsp.ResponseStatus, name: str) -> CachedResponse:

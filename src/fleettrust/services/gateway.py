@@ -11,6 +11,7 @@ Not here: TLS (``api.tls``), HTTP (``api.gateway``), drift scoring and clone det
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import hashlib
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ class DeviceIdentity:
     auth_method: str  # certificate | shared_secret
     serial_hex: str | None
     certificate_der: bytes | None
+    # What the revocation index needs to apply batch / factory / CA / window rules in O(1).
+    ca_id: str | None = None
+    batch_id: str | None = None
+    factory_id: str | None = None
+    issued_at: dt.datetime | None = None
 
     def public_key(self) -> Any:
         assert self.certificate_der is not None
@@ -88,6 +94,10 @@ def identify_certificate(ctx: ServiceContext, cert_der: bytes) -> DeviceIdentity
                 Device.id,
                 Device.status,
                 Device.auth_method,
+                Certificate.ca_id,
+                Device.batch_id,
+                Device.factory_id,
+                Certificate.created_at,
             )
             .join(Device, Device.id == Certificate.device_id, isouter=True)
             .where(Certificate.serial_hex == serial_hex)
@@ -96,14 +106,17 @@ def identify_certificate(ctx: ServiceContext, cert_der: bytes) -> DeviceIdentity
         raise AuthorizationError(
             "certificate was not issued to a device by this fleet", code="certificate_unknown"
         )
-    _, cert_status, _, device_id, device_status, auth_method = row
+    (_, cert_status, _, device_id, device_status, auth_method, ca_id, batch_id, factory_id,
+     issued_at) = row
     if cert_status == "revoked":
         raise AuthorizationError("certificate is revoked", code="certificate_revoked")
     if cert_status == "hold":
         raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
     if device_id is None:
         raise AuthorizationError("no device for this certificate", code="device_unknown")
-    return DeviceIdentity(device_id, device_status, auth_method, serial_hex, cert_der)
+    return DeviceIdentity(device_id, device_status, auth_method, serial_hex, cert_der,
+                          ca_id=ca_id, batch_id=batch_id, factory_id=factory_id,
+                          issued_at=issued_at)
 
 
 def identify_session(ctx: ServiceContext, token: str) -> DeviceIdentity:
@@ -114,7 +127,8 @@ def identify_session(ctx: ServiceContext, token: str) -> DeviceIdentity:
         d = s.get(Device, device_id)
         if d is None:
             raise AuthorizationError("device no longer exists", code="device_unknown")
-        return DeviceIdentity(device_id, d.status, d.auth_method, None, None)
+        return DeviceIdentity(device_id, d.status, d.auth_method, None, None,
+                              batch_id=d.batch_id, factory_id=d.factory_id)
 
 
 def check_allowed(ident: DeviceIdentity, *, allow_quarantine: bool = False) -> None:
@@ -139,9 +153,7 @@ def refresh_status(ctx: ServiceContext, ident: DeviceIdentity) -> DeviceIdentity
             raise AuthorizationError("certificate is revoked", code="certificate_revoked")
         if cert_status == "hold":
             raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
-    return DeviceIdentity(
-        ident.device_id, dev_status, ident.auth_method, ident.serial_hex, ident.certificate_der
-    )
+    return dataclasses.replace(ident, status=dev_status)
 
 
 def verify_device_signature(public_key: Any, signature: bytes, message: bytes) -> None:

@@ -719,13 +719,14 @@ def preview(
             select(Certificate.status, func.count()).where(where)
             .group_by(Certificate.status)).all()}
         # Operations decided but not fully written yet: their certificates count as revoked.
+        covered = sum(by_status.values())
+        already = by_status.get("revoked", 0)
         pending_ops = session.scalars(select(RevocationOperation).where(
             RevocationOperation.state == "pending", RevocationOperation.action == "revoke")).all()
         if pending_ops:
-            decided = int(session.scalar(select(func.count()).select_from(Certificate).where(
+            already += int(session.scalar(select(func.count()).select_from(Certificate).where(
                 where, Certificate.status != "revoked",
                 or_(*[leaf_scope(p) for p in pending_ops]))) or 0)
-            by_status["revoked"] = by_status.get("revoked", 0) + decided
         ca_ids: list[str] = []
         if op.ca_ids:
             ca_ids = list(session.scalars(select(CertificateAuthority.id).where(
@@ -739,8 +740,6 @@ def preview(
             devices = int(session.scalar(
                 select(func.count(func.distinct(Certificate.device_id))).where(
                     leaves, Certificate.status != "revoked")) or 0)
-    covered = sum(by_status.values())
-    already = by_status.get("revoked", 0)
     return {
         "scope": op.scope,
         "target_id": target,

@@ -53,6 +53,8 @@ def upgrade() -> None:
         sa.Column("base_number", sa.BigInteger(), nullable=True),
         sa.Column("this_update", sa.DateTime(timezone=True), nullable=False),
         sa.Column("next_update", sa.DateTime(timezone=True), nullable=False),
+        sa.Column("log_seq", sa.BigInteger(), nullable=False),
+        sa.Column("op_seq", sa.BigInteger(), nullable=False),
         sa.Column("der", sa.LargeBinary(), nullable=False),
         sa.PrimaryKeyConstraint("id"),
         sa.UniqueConstraint("ca_id", "shard", "kind", name="uq_crl_documents_ca_shard_kind"),
