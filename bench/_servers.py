@@ -85,14 +85,23 @@ class Fleet:
 
     @property
     def state_root(self) -> Path:
-        """Where the simulated devices' state directories live (kept with the fleet)."""
-        return self.base / "devices"
+        """Where the simulated devices' state directories live: on tmpfs when there is one
+        (each device state write is an atomic rename, ~1.2 ms on this ext4 vs 0.1 ms on tmpfs;
+        the devices are disposable), else next to the fleet."""
+        return device_root(self.base)
 
     def to_json(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
         doc["base"] = str(self.base)
         doc["version"] = FLEET_VERSION
         return doc
+
+
+def device_root(fleet_dir: Path) -> Path:
+    shm = Path("/dev/shm")
+    if shm.is_dir() and os.access(shm, os.W_OK):
+        return shm / "fleettrust-bench" / fleet_dir.name / "devices"
+    return fleet_dir / "devices"
 
 
 def _pg_url(schema: str) -> str:
@@ -159,6 +168,7 @@ def prepare_fleet(db: str, *, base: Path = DEFAULT_BASE, fresh: bool = False) ->
     from fleettrust.storage.migrate import upgrade
 
     shutil.rmtree(fleet_dir, ignore_errors=True)
+    shutil.rmtree(device_root(fleet_dir), ignore_errors=True)
     fleet_dir.mkdir(parents=True, mode=0o700)
     if db == "sqlite":
         database_url = f"sqlite:///{fleet_dir / 'fleettrust.db'}"
@@ -396,7 +406,10 @@ def _run_gateway(fleet: Fleet, workers: int, port: int) -> None:
     gw_dir = settings.data_dir / "gateway"
     (gw_dir / "bench-credential.json").write_text(json.dumps(dataclasses.asdict(cred)))
     ctx.close()
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose ``proto`` says
+    # TCP, and accepted sockets inherit the listening socket's; with the default proto 0 every
+    # response split into headers + body waits ~40 ms for the client's delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", port))
     sock.listen(4096)

@@ -66,8 +66,10 @@ KEYSTORE_PASSPHRASE = "bench key-store passphrase"
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 #: The same HTTP protocol for every uvicorn server measured: httptools with TCP_NODELAY (stock
-#: uvicorn --workers N leaves Nagle on without uvloop: ~40 ms per response, see ocsp_routes).
-HTTP = "fleettrust.api.ocsp_routes:NoDelayHttpToolsProtocol"
+#: uvicorn --workers N leaves Nagle on without uvloop: ~40 ms per response) and one send() per
+#: response; see fleettrust.api.ocsp_routes.FastHttpToolsProtocol. --stock-http measures with
+#: uvicorn's own httptools protocol instead.
+HTTP_PROTOCOL = ["fleettrust.api.ocsp_routes:FastHttpToolsProtocol"]
 
 WRK_SCRIPT = r"""
 wrk.method = "POST"
@@ -375,7 +377,8 @@ def openssl_argv(s: Setup, port: int) -> list[str]:
 
 def uvicorn_argv(spec: str, port: int, *, factory: bool, app_dir: Path | None = None) -> list[str]:
     argv = [PYTHON, "-m", "uvicorn", spec, "--host", "127.0.0.1", "--port", str(port),
-            "--workers", "2", "--no-access-log", "--log-level", "warning", "--http", HTTP]
+            "--workers", "2", "--no-access-log", "--no-proxy-headers", "--log-level", "warning",
+            "--http", HTTP_PROTOCOL[0]]
     if factory:
         argv.append("--factory")
     if app_dir is not None:
@@ -500,8 +503,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--devices", type=int, default=1000)
     ap.add_argument("--revoked", type=int, default=100)
     ap.add_argument("--skip-operator-app", action="store_true")
+    ap.add_argument("--stock-http", action="store_true",
+                    help="uvicorn's own httptools protocol for every uvicorn server")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
+    if args.stock_http:
+        HTTP_PROTOCOL[0] = "httptools"
     for tool in ("wrk", "openssl"):
         if shutil.which(tool) is None:
             print(f"{tool} not found (Debian: apt-get install -y {tool})", file=sys.stderr)

@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp as cocsp
 
 from fleettrust.api.app import create_app
-from fleettrust.api.ocsp_routes import create_ocsp_app, router
+from fleettrust.api.ocsp_routes import FastHttpToolsProtocol, create_ocsp_app, router
 from fleettrust.revocation.ocsp_responder import OcspResponder
 from fleettrust.services import hierarchy
 from fleettrust.services import revocation as revocation_service
@@ -47,10 +47,10 @@ OCSP_CT = "application/ocsp-response"
 
 
 @contextmanager
-def serve(app: Any) -> Iterator[str]:
+def serve(app: Any, **options: Any) -> Iterator[str]:
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning", lifespan="auto"))
+                                           log_level="warning", lifespan="auto", **options))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.time() + 10
@@ -301,14 +301,27 @@ def test_malformed_unauthorized_and_methods(ctx: ServiceContext, devices: list[I
 
 
 def test_standalone_app(ctx: ServiceContext, devices: list[IssuedCert]) -> None:
+    """The standalone OCSP app on the tuned protocol (TCP_NODELAY, one send per response)."""
     app = create_ocsp_app(ctx)
     d = devices[0]
-    with serve(app) as url, httpx.Client(timeout=10) as client:
+    with serve(app, http=FastHttpToolsProtocol) as url, httpx.Client(timeout=10) as client:
         der = ocsp_request(d.cert, d.issuer)
-        for _ in range(2):
+        for _ in range(3):  # slow path, then the hot path, on one kept-alive connection
             r = client.post(f"{url}/ocsp", content=der)
             assert check_signed_by_delegate(r.content, d.issuer).certificate_status \
                 is cocsp.OCSPCertStatus.GOOD
+            assert r.headers["content-length"] == str(len(r.content))
+        # a body in several chunks takes the general path
+        r = client.post(f"{url}/ocsp", content=iter([der[:10], der[10:]]))
+        assert check_signed_by_delegate(r.content, d.issuer).serial_number == d.cert.serial_number
+        r = client.post(f"{url}/ocsp", content=b"\x00" * 10_000)
+        assert _status(r.content) is cocsp.OCSPResponseStatus.MALFORMED_REQUEST
+        r = client.get(f"{url}/ocsp/{base64.b64encode(der).decode()}")
+        assert check_signed_by_delegate(r.content, d.issuer).serial_number == d.cert.serial_number
+        # "Connection: close" is honoured after the (buffered) response went out
+        r = client.post(f"{url}/ocsp", content=der, headers={"connection": "close"})
+        assert r.headers.get("connection") == "close"
+        assert check_signed_by_delegate(r.content, d.issuer).serial_number == d.cert.serial_number
         assert client.get(f"{url}/other").status_code == 404
         assert app.responder is not None
         assert app.responder.cache_size() == 1

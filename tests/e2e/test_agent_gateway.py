@@ -171,14 +171,19 @@ def test_simulator_against_the_real_gateway(stack: Stack, tmp_path: Path) -> Non
     assert recorded is not None and recorded >= 1
     assert seen is None, "every device checked in"
 
-    # The same devices again: a new full mTLS handshake per check-in, then resumed sessions.
-    for mode in ("handshake", "resume"):
+    # The same devices again: a new full mTLS handshake per check-in, then resumed sessions,
+    # then kept alive through httpx (the agent's HTTP client) instead of the lean client.
+    for mode, client in (("handshake", "lean"), ("resume", "lean"), ("keepalive", "httpx")):
         again = run_simulation(SimulationConfig(
             devices=50, gateway=stack.gateway.url, duration_s=5.0, concurrency=8,
-            state_root=root, mode=mode, max_checkins=100, seed=8))  # type: ignore[arg-type]
+            state_root=root, mode=mode, max_checkins=100, seed=8,  # type: ignore[arg-type]
+            client=client))  # type: ignore[arg-type]
         assert again.devices_reused == 50 and again.devices_enrolled == 0
         assert again.errors == {}, (mode, again.errors)
         assert again.checkins_ok == 100
+        if mode == "keepalive":
+            assert again.connections <= 50
+            continue
         assert again.connections == 100
         if mode == "resume":
             assert again.resumed_connections >= 100 - 50, again  # all but each first one

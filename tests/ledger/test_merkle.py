@@ -54,8 +54,8 @@ def naive_path(m: int, d: list[bytes]) -> list[bytes]:
         return []
     k = _k(len(d))
     if m < k:
-        return naive_path(m, d[:k]) + [naive_mth(d[k:])]
-    return naive_path(m - k, d[k:]) + [naive_mth(d[:k])]
+        return [*naive_path(m, d[:k]), naive_mth(d[k:])]
+    return [*naive_path(m - k, d[k:]), naive_mth(d[:k])]
 
 
 def naive_subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:
@@ -64,8 +64,8 @@ def naive_subproof(m: int, d: list[bytes], b: bool) -> list[bytes]:
         return [] if b else [naive_mth(d)]
     k = _k(n)
     if m <= k:
-        return naive_subproof(m, d[:k], b) + [naive_mth(d[k:])]
-    return naive_subproof(m - k, d[k:], False) + [naive_mth(d[:k])]
+        return [*naive_subproof(m, d[:k], b), naive_mth(d[k:])]
+    return [*naive_subproof(m - k, d[k:], False), naive_mth(d[:k])]
 
 
 def naive_proof(m: int, d: list[bytes]) -> list[bytes]:
@@ -76,7 +76,7 @@ def _data(n: int) -> list[bytes]:
     return [b"leaf-%d" % i for i in range(n)]
 
 
-# --- exhaustive and random comparison --------------------------------------------------------------
+# --- exhaustive and random comparison ------------------------------------------------------------
 
 
 def test_every_size_up_to_64_matches_the_rfc_definitions() -> None:
@@ -199,7 +199,8 @@ SOME_HASH = bytes.fromhex("abacaba0000000000000000000000000000000000000000000600
 EMPTY = bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
 
 
-@pytest.mark.parametrize(("name", "got", "want"), HASHER_VECTORS, ids=[v[0] for v in HASHER_VECTORS])
+@pytest.mark.parametrize(("name", "got", "want"), HASHER_VECTORS,
+                         ids=[v[0] for v in HASHER_VECTORS])
 def test_hasher_known_answers(name: str, got: bytes, want: str) -> None:
     assert got.hex() == want
     assert merkle.EMPTY_ROOT.hex() == HASHER_VECTORS[0][2]
@@ -266,9 +267,11 @@ def test_inclusion_verification_refuses_corruptions(leaf: int, size: int,
     lh = leaf_hash(CT_LEAVES[leaf - 1])
     for desc, i, n, lf, p, root in _inclusion_probes(leaf - 1, size, good, CT_ROOTS[size - 1],
                                                      lh):
-        with pytest.raises(ProofError):
+        try:
             verify_inclusion(i, n, lf, p, root)
-            pytest.fail(f"accepted corrupted inclusion proof: {desc}")
+        except ProofError:
+            continue
+        pytest.fail(f"accepted corrupted inclusion proof: {desc}")
 
 
 def test_inclusion_edge_cases() -> None:
@@ -312,9 +315,11 @@ def test_consistency_verification_refuses_corruptions(size1: int, size2: int,
         bad[j] = bytes([bad[j][0] ^ 16]) + bad[j][1:]
         probes.append((f"flip proof[{j}]", size1, size2, r1, r2, bad))
     for desc, m, n, a, b, p in probes:
-        with pytest.raises(ProofError):
+        try:
             verify_consistency(m, n, a, b, p)
-            pytest.fail(f"accepted corrupted consistency proof: {desc}")
+        except ProofError:
+            continue
+        pytest.fail(f"accepted corrupted consistency proof: {desc}")
 
 
 def test_consistency_edge_cases() -> None:

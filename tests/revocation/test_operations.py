@@ -44,7 +44,8 @@ def test_revoke_device_is_exact_idempotent_and_audited(
 
     r = rev.revoke_device(ctx, admin, a.device_id, "keyCompromise")
     assert (r.covered, r.newly_revoked, r.ca_ids_revoked) == (1, 1, [])
-    assert r.first_seq is not None and r.first_seq == r.last_seq
+    assert r.first_seq is not None
+    assert r.first_seq == r.last_seq
     assert cert_status(ctx, a.serial_hex) == "revoked"
     assert cert_status(ctx, b.serial_hex) == "good"
     assert device_status(ctx, a.device_id) == "revoked"
@@ -54,17 +55,21 @@ def test_revoke_device_is_exact_idempotent_and_audited(
     assert [(e.serial_hex, e.action, e.reason, e.operation_id) for e in events] == [
         (a.serial_hex, "revoke", "keyCompromise", r.operation_id)]
     st = index.status(a.serial_hex)
-    assert st is not None and st.status == "revoked" and st.seq == r.first_seq
+    assert st is not None
+    assert st.status == "revoked"
+    assert st.seq == r.first_seq
     assert index.status(b.serial_hex) is None
 
     again = rev.revoke_device(ctx, admin, a.device_id, "superseded")
     assert (again.covered, again.newly_revoked, again.first_seq) == (1, 0, None)
     assert index.sync() == []
     st2 = index.status(a.serial_hex)
-    assert st2 is not None and st2.reason == "keyCompromise"  # the first revocation stands
+    assert st2 is not None
+    assert st2.reason == "keyCompromise"
     with ctx.sessions() as s:
         actions = [e.action for e in s.scalars(
-            select(AuditEvent).where(AuditEvent.action.like("%revoc%") | AuditEvent.action.like("certificate.%")))]
+            select(AuditEvent).where(AuditEvent.action.like("%revoc%")
+                                     | AuditEvent.action.like("certificate.%")))]
         ops = s.scalars(select(RevocationOperation)).all()
     assert actions.count("revocation.device") == 2
     assert actions.count("certificate.revoked") == 1
@@ -86,7 +91,8 @@ def test_revoke_batch_without_own_ca_is_exact(
 
     r = rev.revoke_batch(ctx, admin, batch.batch.id, "cessationOfOperation")
     assert (r.covered, r.newly_revoked, r.ca_ids_revoked) == (3, 2, [])
-    assert r.last_seq is not None and r.first_seq is not None
+    assert r.last_seq is not None
+    assert r.first_seq is not None
     assert r.last_seq - r.first_seq == 1
     assert {cert_status(ctx, d.serial_hex) for d in mine} == {"revoked"}
     assert {cert_status(ctx, d.serial_hex) for d in theirs} == {"good"}
@@ -94,8 +100,10 @@ def test_revoke_batch_without_own_ca_is_exact(
     with ctx.sessions() as s:
         b = s.get(Batch, batch.batch.id)
         f = s.get(Factory, factory.factory.id)
-        assert b is not None and b.status == "revoked"
-        assert f is not None and f.status == "active"
+        assert b is not None
+        assert b.status == "revoked"
+        assert f is not None
+        assert f.status == "active"
     again = rev.revoke_batch(ctx, admin, batch.batch.id)
     assert (again.covered, again.newly_revoked) == (3, 0)
     assert rev.preview(ctx, admin, "batch", batch.batch.id)["would_revoke"] == 0
@@ -112,7 +120,9 @@ def test_revoke_batch_with_own_ca_revokes_the_ca(
     assert (r.covered, r.newly_revoked, r.ca_ids_revoked) == (3, 3, [b.batch.ca_id])
     with ctx.sessions() as s:
         ca = s.get(CertificateAuthority, b.batch.ca_id)
-        assert ca is not None and ca.status == "revoked" and ca.serial_hex is not None
+        assert ca is not None
+        assert ca.status == "revoked"
+        assert ca.serial_hex is not None
         ca_serial = ca.serial_hex
         row = s.scalars(select(Revocation).where(Revocation.serial_hex == ca_serial)).one()
     assert (row.kind, row.ca_id) == ("ca", factory.ca.id)  # listed by the factory CA
@@ -146,7 +156,8 @@ def test_revoke_whole_factory(
         assert {b.status for b in s.scalars(select(Batch).where(
             Batch.factory_id == factory.factory.id))} == {"revoked"}
         f = s.get(Factory, factory.factory.id)
-        assert f is not None and f.status == "revoked"
+        assert f is not None
+        assert f.status == "revoked"
     assert rev.revoke_factory(ctx, admin, factory.factory.id).newly_revoked == 0
 
 
@@ -179,8 +190,10 @@ def test_breach_window_boundaries(
     with ctx.sessions() as s:
         f = s.get(Factory, factory.factory.id)
         ca = s.get(CertificateAuthority, own.batch.ca_id)
-        assert f is not None and f.status == "active"  # a window revokes no CA
-        assert ca is not None and ca.status == "active"
+        assert f is not None
+        assert f.status == "active"
+        assert ca is not None
+        assert ca.status == "active"
     # Open-ended windows and idempotence.
     r2 = rev.revoke_factory(ctx, admin, factory.factory.id, issued_after=after)
     assert (r2.covered, r2.newly_revoked) == (3, 1)
@@ -201,7 +214,8 @@ def test_suspend_release_round_trip(
     assert device_status(ctx, d.device_id) == "suspended"
     index.sync()
     st = index.status(d.serial_hex)
-    assert st is not None and (st.status, st.reason) == ("hold", "certificateHold")
+    assert st is not None
+    assert (st.status, st.reason) == ("hold", "certificateHold")
     assert rev.suspend_device(ctx, admin, d.device_id).newly_revoked == 0
 
     r = rev.release_device(ctx, admin, d.device_id)
@@ -220,7 +234,8 @@ def test_suspend_release_round_trip(
     assert cert_status(ctx, d.serial_hex) == "revoked"
     index.sync()
     st = index.status(d.serial_hex)
-    assert st is not None and st.status == "revoked"
+    assert st is not None
+    assert st.status == "revoked"
 
 
 def test_bad_inputs_are_refused_precisely_and_write_nothing(
@@ -281,6 +296,7 @@ def test_large_operation_is_in_force_at_once_and_written_after(
 ) -> None:
     """Above INLINE_LIMIT the decision commits first (rules), the rows follow."""
     monkeypatch.setattr(rev, "INLINE_LIMIT", 2)
+    monkeypatch.setattr(rev, "SQLITE_CHUNK", 2)  # several transactions on SQLite
     monkeypatch.setattr(rev._kicker, "kick", lambda ctx: None)  # write them ourselves below
     b = own_ca_batch(ctx, admin, factory.factory.id)
     devs = issue(ctx, admin, b.batch.id, 4)
@@ -295,7 +311,8 @@ def test_large_operation_is_in_force_at_once_and_written_after(
     d = devs[0]
     assert index.status(d.serial_hex) is None  # no per-certificate row yet...
     st = index.check(d.serial_hex, ca_id=b.batch.ca_id, batch_id=b.batch.id)
-    assert st is not None and st.operation_id == r.operation_id  # ...but the rule applies
+    assert st is not None
+    assert st.operation_id == r.operation_id
     assert rev.materialize_pending(ctx) == 1
     status = rev.operation_status(ctx, admin, r.operation_id)
     assert (status["state"], status["rows_written"]) == ("done", 5)
@@ -319,7 +336,8 @@ def test_index_follows_another_context(ctx: ServiceContext, admin: Principal,
         r = rev.revoke_device(ctx, admin, d.device_id)
         assert index.last_seq < (r.last_seq or 0)
         index.sync()
-        assert seen == [r.last_seq] and index.last_seq == r.last_seq
+        assert seen == [r.last_seq]
+        assert index.last_seq == r.last_seq
         assert index.status(d.serial_hex) is not None
     finally:
         other.close()

@@ -27,7 +27,7 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import httpx
 from cryptography import x509
@@ -54,8 +54,10 @@ __all__ = [
     "CheckinResponse",
     "GatewayError",
     "RenewedIdentity",
+    "ResponseLike",
     "build_checkin_body",
     "build_renew_request",
+    "classify_exception",
     "classify_response",
     "classify_transport_error",
     "parse_checkin_response",
@@ -78,6 +80,23 @@ PERMANENT_REFUSALS: Final = frozenset({
 })  # fmt: skip
 
 ErrorKind = Literal["transient", "refused"]
+
+
+class _HeadersLike(Protocol):
+    def get(self, key: str, default: None = None) -> str | None: ...
+
+
+class ResponseLike(Protocol):
+    """What the parsers read from an answer: ``httpx.Response`` or the simulator's own."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def content(self) -> bytes: ...
+
+    @property
+    def headers(self) -> _HeadersLike: ...
 
 
 class GatewayError(FleetTrustError):
@@ -205,7 +224,7 @@ def _bad_response(what: str) -> GatewayError:
                         kind="transient")
 
 
-def _json_object(response: httpx.Response) -> dict[str, Any]:
+def _json_object(response: ResponseLike) -> dict[str, Any]:
     if len(response.content) > MAX_BODY_BYTES:
         raise _bad_response(f"body of {len(response.content)} bytes exceeds 64 KiB")
     try:
@@ -217,7 +236,7 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
     return doc
 
 
-def parse_checkin_response(response: httpx.Response) -> CheckinResponse:
+def parse_checkin_response(response: ResponseLike) -> CheckinResponse:
     """Parse a 200 answer (GatewayError ``bad_response`` if it does not match the protocol)."""
     doc = _json_object(response)
     device_id = doc.get("device_id")
@@ -249,7 +268,7 @@ def parse_checkin_response(response: httpx.Response) -> CheckinResponse:
 # --- errors ----------------------------------------------------------------------------------
 
 
-def _retry_after(response: httpx.Response) -> float | None:
+def _retry_after(response: ResponseLike) -> float | None:
     value = response.headers.get("retry-after")
     if value is None:
         return None
@@ -260,7 +279,7 @@ def _retry_after(response: httpx.Response) -> float | None:
     return seconds if math.isfinite(seconds) and seconds >= 0 else None
 
 
-def classify_response(response: httpx.Response, what: str) -> GatewayError:
+def classify_response(response: ResponseLike, what: str) -> GatewayError:
     """The GatewayError for a non-2xx answer, using the RFC 9457 ``code`` when present."""
     status = response.status_code
     code = f"http_{status}"
@@ -309,6 +328,27 @@ def classify_transport_error(exc: httpx.TransportError, what: str) -> GatewayErr
         code, reason = "connect_error", f"cannot connect: {exc}"
     else:
         code, reason = "network_error", f"{type(exc).__name__}: {exc}"
+    return GatewayError(f"{what} failed: {reason}", code=code, kind="transient")
+
+
+def classify_exception(exc: BaseException, what: str, *, connecting: bool = False
+                       ) -> GatewayError | None:
+    """The (transient) GatewayError for a failure of a plain asyncio/ssl connection (the
+    simulator's lean client): TLS, timeout, connect or network error; None if ``exc`` is none
+    of those (a bug, to be raised)."""
+    if isinstance(exc, httpx.TransportError):
+        return classify_transport_error(exc, what)
+    reason = _ssl_reason(exc) if isinstance(exc, ssl.SSLError) else None
+    if reason is not None:
+        code = "tls_error"
+    elif isinstance(exc, TimeoutError):
+        code, reason = "timeout", "timed out"
+    elif connecting and isinstance(exc, OSError):
+        code, reason = "connect_error", f"cannot connect: {exc}"
+    elif isinstance(exc, OSError | EOFError):
+        code, reason = "network_error", f"{type(exc).__name__}: {exc}"
+    else:
+        return None
     return GatewayError(f"{what} failed: {reason}", code=code, kind="transient")
 
 
@@ -397,7 +437,7 @@ def parse_issued_identity(
 
 
 def parse_renew_response(
-    response: httpx.Response,
+    response: ResponseLike,
     *,
     new_key: DeviceKey,
     pinned_root: x509.Certificate,

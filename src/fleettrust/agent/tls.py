@@ -50,22 +50,27 @@ class SessionSlot:
     _counted: ssl.SSLObject | None = None
 
     def capture(self) -> bool | None:
-        """After a request: remember the session of the last connection; returns whether that
-        connection was resumed (None if no connection was made through this slot yet)."""
+        """After a request: returns whether the last connection was resumed (None if no
+        connection was made through this slot yet). The first call for a connection counts it
+        and, when resuming, keeps its session for the next connection; later calls for the
+        same connection are cheap (reading ``SSLObject.session`` copies the whole session,
+        peer certificate included: about 0.7 ms, far more than a kept-alive request)."""
         obj = self.last
         if obj is None:
             return None
-        try:
-            session = obj.session
-        except (ValueError, ssl.SSLError):
-            session = None
-        if self.resume and session is not None:
-            self.session = session
         reused = bool(obj.session_reused)
-        if obj is not self._counted:  # count each connection once
-            self._counted = obj
-            if reused:
-                self.resumed += 1
+        if obj is self._counted:
+            return reused
+        self._counted = obj
+        if reused:
+            self.resumed += 1
+        if self.resume:
+            try:
+                session = obj.session
+            except (ValueError, ssl.SSLError):
+                session = None
+            if session is not None:
+                self.session = session
         return reused
 
 

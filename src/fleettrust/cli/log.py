@@ -35,8 +35,21 @@ if TYPE_CHECKING:
 log_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                       help="The transparency log: verify offline, fetch tree heads and proofs.")
 
-_out = Console(emoji=False, highlight=False, soft_wrap=True)
-_err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
+
+
+def _console(stderr: bool) -> Console:
+    """As ``cli.main``: no emoji or highlighting; piped output is wide so tables are not cut."""
+    stream = sys.stderr if stderr else sys.stdout
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        tty = False
+    return Console(stderr=stderr, emoji=False, highlight=False, soft_wrap=True,
+                   width=None if tty else 240)
+
+
+_out = _console(stderr=False)
+_err = _console(stderr=True)
 
 DEFAULT_SERVER = "http://127.0.0.1:8080"
 ServerOpt = Annotated[str, typer.Option("--server", envvar="FLEETTRUST_SERVER",
@@ -241,7 +254,12 @@ def device_history(
     """A device's story from the transparency log, each event's inclusion proof checked."""
     from fleettrust.cli.client import ApiError, Client
     from fleettrust.ledger import verify as lv
-    from fleettrust.ledger.sth import InclusionProof, SignedTreeHead, load_public_key
+    from fleettrust.ledger.sth import (
+        InclusionProof,
+        SignedTreeHead,
+        TreeHeadError,
+        load_public_key,
+    )
 
     if not token:
         _fail("no API token: pass --token or set FLEETTRUST_TOKEN", EXIT_USAGE)
@@ -255,10 +273,10 @@ def device_history(
         _fail(f"{exc.detail} ({exc.code}, HTTP {exc.status})")
     except OSError as exc:
         _fail(f"cannot read public key {public_key}: {exc.strerror or exc}", EXIT_USAGE)
-    key = load_public_key(key_pem)
-    head = SignedTreeHead.from_json(hist["sth"])
     rows = []
     try:
+        key = load_public_key(key_pem)
+        head = SignedTreeHead.from_json(hist["sth"])
         lv.check_sth(head, key)
         for ev in hist["events"]:
             got = lv.verify_inclusion(head, InclusionProof.from_json(ev["inclusion_proof"]), ev,
@@ -266,6 +284,8 @@ def device_history(
             rows.append((got.leaf_index, got.entry))
     except lv.LogVerificationError as exc:
         _fail(f"{exc.message} ({exc.code})")
+    except TreeHeadError as exc:
+        _fail(f"the server's answer is not valid: {exc} ({exc.code})")
     if as_json:
         typer.echo(json.dumps(hist, indent=2))
         return

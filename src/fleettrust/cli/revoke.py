@@ -132,7 +132,8 @@ def revoke_factory(
 def suspend(device_id: str, server: ServerOpt = _DEFAULT_SERVER, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """Put a device's certificates on hold (certificateHold); `release` lifts it."""
-    res = _main().call(server, token, "POST", f"/v1/revocation/devices/{device_id}/suspend")
+    res = _main().call(server, token, "POST", f"/v1/revocation/devices/{device_id}/suspend",
+                       json={})
     _show(res, as_json, f"device {device_id} suspended")
 
 
@@ -140,7 +141,8 @@ def suspend(device_id: str, server: ServerOpt = _DEFAULT_SERVER, token: TokenOpt
 def release(device_id: str, server: ServerOpt = _DEFAULT_SERVER, token: TokenOpt = None,
             as_json: JsonOpt = False) -> None:
     """Lift a device's certificateHold (the entries leave the CRLs)."""
-    res = _main().call(server, token, "POST", f"/v1/revocation/devices/{device_id}/release")
+    res = _main().call(server, token, "POST", f"/v1/revocation/devices/{device_id}/release",
+                       json={})
     _show(res, as_json, f"device {device_id} released")
 
 

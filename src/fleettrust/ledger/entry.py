@@ -53,18 +53,21 @@ class CertificateRef:
                 "der": base64.b64encode(self.der).decode("ascii")}
 
 
-def canonical_json(obj: Any) -> bytes:
-    """Sorted keys, compact separators, UTF-8; refuses NaN and Infinity."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
-                      allow_nan=False, default=_default).encode("utf-8")
-
-
 def _default(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
     if isinstance(value, bytes):
         return base64.b64encode(value).decode("ascii")
     raise TypeError(f"{type(value).__name__} is not JSON serialisable in a log entry")
+
+
+_ENCODER = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                            allow_nan=False, default=_default)
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Sorted keys, compact separators, UTF-8; refuses NaN and Infinity."""
+    return _ENCODER.encode(obj).encode("utf-8")
 
 
 def event_entry(event: Mapping[str, Any],

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import logging
 import threading
 from collections.abc import Callable, Iterable
@@ -227,28 +228,58 @@ class RevocationIndex:
         return events
 
     def _read_rules(self) -> list[RevocationRule]:
-        with self._ctx.sessions() as session:
-            ops = session.scalars(
-                select(RevocationOperation).where(
-                    RevocationOperation.seq > self._last_op_seq,
-                    RevocationOperation.action == "revoke")
-                .order_by(RevocationOperation.seq)).all()
-            if not ops:
-                return []
-            new_rules = [self._rule_of(op) for op in ops]
+        stmt = (select(RevocationOperation.seq, RevocationOperation.id,
+                       RevocationOperation.scope, RevocationOperation.target_id,
+                       RevocationOperation.reason, RevocationOperation.revoked_at,
+                       RevocationOperation.batch_id, RevocationOperation.factory_id,
+                       RevocationOperation.ca_ids, RevocationOperation.leaf_ca_ids,
+                       RevocationOperation.issued_after, RevocationOperation.issued_before)
+                .where(RevocationOperation.seq > bindparam("after", type_=BigInteger()),
+                       RevocationOperation.action == "revoke")
+                .order_by(RevocationOperation.seq))
+        rows = self._fetch(stmt, {"after": self._last_op_seq})
+        if not rows:
+            return []
+        new_rules = [self._rule_of(r) for r in rows]
         for rule in new_rules:
             self._add_rule(rule)
         self._last_op_seq = new_rules[-1].op_seq
         return new_rules
 
+    def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
+        """Run ``stmt`` on the driver's cursor, outside any SQLAlchemy transaction: on SQLite,
+        fleettrust's sessions begin with ``BEGIN IMMEDIATE`` and would wait for a writer; a
+        bare read in WAL mode never does."""
+        compiled = stmt.compile(dialect=self._ctx.engine.dialect)
+        values = compiled.construct_params(params)
+        order = compiled.positiontup
+        args = tuple(values[n] for n in order) if order is not None else values
+        with self._ctx.engine.connect() as conn:
+            dbapi = conn.connection.dbapi_connection
+            assert dbapi is not None
+            cursor = dbapi.cursor()
+            try:
+                cursor.execute(str(compiled), args)
+                rows: list[Any] = list(cursor.fetchall())
+            finally:
+                cursor.close()
+            conn.rollback()
+        return rows
+
     @staticmethod
-    def _rule_of(op: RevocationOperation) -> RevocationRule:
-        status = CertStatus("revoked", op.reason, op.revoked_at, 0, op.id)
+    def _rule_of(row: Any) -> RevocationRule:
+        (seq, op_id, scope, target, reason, revoked_at, batch_id, factory_id, ca_ids,
+         leaf_ca_ids, after, before) = row
+        ca_list = json.loads(ca_ids) if isinstance(ca_ids, str) else list(ca_ids or [])
+        leaf_list = (json.loads(leaf_ca_ids) if isinstance(leaf_ca_ids, str)
+                     else list(leaf_ca_ids or []))
+        status = CertStatus("revoked", reason, _to_utc(revoked_at), 0, op_id)
         return RevocationRule(
-            operation_id=op.id, op_seq=op.seq, scope=op.scope, target_id=op.target_id,
-            ca_ids=tuple(op.ca_ids), batch_id=op.batch_id if not op.ca_ids else None,
-            factory_id=op.factory_id, leaf_ca_ids=tuple(op.leaf_ca_ids),
-            issued_after=op.issued_after, issued_before=op.issued_before, status=status)
+            operation_id=op_id, op_seq=int(seq), scope=scope, target_id=target,
+            ca_ids=tuple(ca_list), batch_id=batch_id if not ca_list else None,
+            factory_id=factory_id, leaf_ca_ids=tuple(leaf_list),
+            issued_after=_to_utc(after) if after is not None else None,
+            issued_before=_to_utc(before) if before is not None else None, status=status)
 
     def _add_rule(self, rule: RevocationRule) -> None:
         self._rules.append(rule)
@@ -267,19 +298,14 @@ class RevocationIndex:
         """Read and apply the log after ``last_seq`` in chunks. Straight from the driver's
         cursor: SQLAlchemy's row processing cost more than everything else for 100,000 rows."""
         collected: list[RevocationEvent] = []
-        sql, make_params = self._query()
+        stmt = (select(Revocation.seq, Revocation.serial_hex, Revocation.ca_id,
+                       Revocation.device_id, Revocation.action, Revocation.reason,
+                       Revocation.revoked_at, Revocation.operation_id)
+                .where(Revocation.seq > bindparam("after", type_=BigInteger()))
+                .order_by(Revocation.seq).limit(bindparam("lim", type_=Integer())))
         times: dict[Any, dt.datetime] = {}
         while True:
-            with self._ctx.engine.connect() as conn:
-                dbapi = conn.connection.dbapi_connection
-                assert dbapi is not None
-                cursor = dbapi.cursor()
-                try:
-                    cursor.execute(sql, make_params(self._last_seq, _CHUNK))
-                    raw = cursor.fetchall()
-                finally:
-                    cursor.close()
-                conn.rollback()
+            raw = self._fetch(stmt, {"after": self._last_seq, "lim": _CHUNK})
             if not raw:
                 return collected
             rows = [(r[0], r[1], r[2], r[3], r[4], r[5],
@@ -290,23 +316,6 @@ class RevocationIndex:
                 collected.extend(RevocationEvent(*r) for r in rows)
             if len(rows) < _CHUNK:
                 return collected
-
-    def _query(self) -> tuple[str, Callable[[int, int], Any]]:
-        stmt = (select(Revocation.seq, Revocation.serial_hex, Revocation.ca_id,
-                       Revocation.device_id, Revocation.action, Revocation.reason,
-                       Revocation.revoked_at, Revocation.operation_id)
-                .where(Revocation.seq > bindparam("after", type_=BigInteger()))
-                .order_by(Revocation.seq).limit(bindparam("lim", type_=Integer())))
-        compiled = stmt.compile(dialect=self._ctx.engine.dialect)
-        order = compiled.positiontup
-
-        def params(after: int, lim: int) -> Any:
-            values = compiled.construct_params({"after": after, "lim": lim})
-            if order is not None:
-                return tuple(values[name] for name in order)
-            return values
-
-        return str(compiled), params
 
     def _apply(self, rows: Iterable[tuple[int, str, str, str | None, str, str | None,
                                           dt.datetime, str]]) -> None:
@@ -325,7 +334,7 @@ class RevocationIndex:
             return int(session.scalar(select(func.max(Revocation.seq))) or 0)
 
 
-def _to_utc(value: str | dt.datetime) -> dt.datetime:
+def _to_utc(value: Any) -> dt.datetime:
     """A driver's timestamp (SQLite: text without zone, stored in UTC) as an aware UTC value."""
     parsed = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
     return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)

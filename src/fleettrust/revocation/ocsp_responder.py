@@ -28,7 +28,7 @@ Freshness. Responses carry ``thisUpdate`` = signing time and ``nextUpdate`` = ``
 ``validity`` (1 h). A background thread (:meth:`OcspResponder.start`):
 
 * syncs a :class:`~fleettrust.revocation.index.RevocationIndex` every ``sync_interval``
-  (0.1 s) and, through its subscription, *invalidates at once* every cached response of a
+  (0.25 s) and, through its subscription, *invalidates at once* every cached response of a
   serial the log changed (the next request re-reads the database and re-signs), then re-signs
   those responses in the background. A revocation made through another process on the same
   database is therefore served within about ``sync_interval`` plus one signature.
@@ -339,7 +339,7 @@ class OcspResponder:
         unknown_ttl: float = 60.0,
         http_max_age: int = 60,
         max_entries: int = 100_000,
-        sync_interval: float = 0.1,
+        sync_interval: float = 0.25,
         responder_validity_days: int = DEFAULT_RESPONDER_VALIDITY_DAYS,
         rotate_before: dt.timedelta = DEFAULT_ROTATE_BEFORE,
         credential_check_interval: float = 60.0,

@@ -42,7 +42,7 @@ from typing import Any, Final, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Connection, and_, func, insert, or_, select, text
+from sqlalchemy import Connection, bindparam, func, insert, select, text
 from sqlalchemy.orm import Session
 
 from fleettrust.errors import ConflictError, NotFoundError, ValidationError
@@ -63,7 +63,15 @@ from fleettrust.services.auth import Principal, require
 from fleettrust.services.context import ServiceContext
 from fleettrust.services.hierarchy import check_factory_scope
 from fleettrust.signing.base import SignerAlgorithm
-from fleettrust.storage.ledger_models import LogCertificate, LogKey, LogLeaf, LogNode, LogSth
+from fleettrust.storage.ledger_models import (
+    LogCertificate,
+    LogKey,
+    LogLeaf,
+    LogNode,
+    LogSth,
+    node_id,
+    node_of,
+)
 from fleettrust.storage.models import AuditEvent, Certificate, Device
 
 log = logging.getLogger("fleettrust.ledger")
@@ -80,6 +88,12 @@ HISTORY_ROLES: Final = ("admin", "auditor", "factory", "device-owner", "repair-c
 
 
 # --- storage ------------------------------------------------------------------------------------
+
+# Built once: executions reuse the compiled statements (expanding IN lists).
+_LEAF_HASHES: Final = (select(LogLeaf.leaf_index, LogLeaf.leaf_hash)
+                       .where(LogLeaf.leaf_index.in_(bindparam("ids", expanding=True))))
+_NODE_HASHES: Final = (select(LogNode.node_id, LogNode.hash)
+                       .where(LogNode.node_id.in_(bindparam("ids", expanding=True))))
 
 
 @dataclass(frozen=True)
@@ -108,34 +122,23 @@ class LedgerStore:
         return 0 if last is None else int(last) + 1
 
     def last_event_id(self) -> int:
-        """The highest audit id the log accounts for (events and gaps), 0 if none."""
-        row = self.session.execute(
-            select(LogLeaf.leaf_index, LogLeaf.kind, LogLeaf.audit_event_id, LogLeaf.data)
-            .order_by(LogLeaf.leaf_index.desc()).limit(1)).first()
-        if row is None:
-            return 0
-        if row.kind == entries.KIND_GAP:
-            return int(entries.decode_entry(row.data)["last_id"])
-        return int(row.audit_event_id)
+        """The highest audit id the log accounts for, 0 if none. A gap leaf is always followed
+        by the event above it in the same append, so the highest logged event id is enough."""
+        last = self.session.scalar(select(func.max(LogLeaf.audit_event_id)))
+        return 0 if last is None else int(last)
 
     def nodes(self, keys: Iterable[merkle.Node]) -> dict[merkle.Node, bytes]:
         """Hashes of complete subtrees (level 0 = leaf hashes); all must exist."""
         wanted = set(keys)
-        by_level: dict[int, list[int]] = {}
-        for level, idx in wanted:
-            by_level.setdefault(level, []).append(idx)
+        leaves = [i for lv, i in wanted if lv == 0]
+        inner = [node_id(lv, i) for lv, i in wanted if lv > 0]
         out: dict[merkle.Node, bytes] = {}
-        if 0 in by_level:
-            for i, h in self.session.execute(
-                    select(LogLeaf.leaf_index, LogLeaf.leaf_hash)
-                    .where(LogLeaf.leaf_index.in_(by_level.pop(0)))):
+        if leaves:
+            for i, h in self.session.execute(_LEAF_HASHES, {"ids": leaves}):
                 out[(0, int(i))] = bytes(h)
-        if by_level:
-            cond = or_(*(and_(LogNode.level == lv, LogNode.idx.in_(ix))
-                         for lv, ix in by_level.items()))
-            for lv, i, h in self.session.execute(
-                    select(LogNode.level, LogNode.idx, LogNode.hash).where(cond)):
-                out[(int(lv), int(i))] = bytes(h)
+        if inner:
+            for k, h in self.session.execute(_NODE_HASHES, {"ids": inner}):
+                out[node_of(int(k))] = bytes(h)
         missing = wanted - out.keys()
         if missing:
             raise LedgerCorruptError(f"log nodes missing: {sorted(missing)[:5]}")
@@ -168,7 +171,18 @@ class LedgerStore:
         return {i: merkle.compute_hashes(rs, got.__getitem__) for i, rs in shapes.items()}
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
-        return self.inclusion_proofs([index], size)[index]
+        return self.inclusion_proof_and_leaf(index, size)[0]
+
+    def inclusion_proof_and_leaf(self, index: int, size: int) -> tuple[list[bytes], bytes]:
+        """The audit path of leaf ``index`` in the tree of ``size`` leaves, and its leaf hash
+        (one node fetch for both)."""
+        self._check_size(size)
+        if not 0 <= index < size:
+            raise NotFoundError(f"leaf {index} is not in the tree of size {size}",
+                                code="leaf_not_in_tree")
+        ranges = merkle.inclusion_ranges(index, size)
+        got = self.nodes(merkle.nodes_needed(ranges) | {(0, index)})
+        return merkle.compute_hashes(ranges, got.__getitem__), got[(0, index)]
 
     def consistency_proof(self, first: int, second: int) -> list[bytes]:
         if not 0 <= first <= second:
@@ -194,8 +208,8 @@ class LedgerStore:
                                 "device_id", "sequenced_at"), [
             (size + j, leaf.audit_event_id, leaf.kind, hashes[j], leaf.data, leaf.device_id, ts)
             for j, leaf in enumerate(leaves)])
-        writer.insert(LogNode, ("level", "idx", "hash"),
-                      [(lv, i, h) for lv, i, h in created if lv > 0])
+        writer.insert(LogNode, ("node_id", "hash"),
+                      [(node_id(lv, i), h) for lv, i, h in created if lv > 0])
         certs = [(serial, size + j, sha) for j, leaf in enumerate(leaves)
                  for serial, sha in leaf.certificates]
         writer.insert(LogCertificate, ("serial_hex", "leaf_index", "cert_sha256"), certs)
@@ -340,20 +354,25 @@ def sequence_once(ctx: ServiceContext, *, max_batch: int = DEFAULT_BATCH) -> Seq
                 .where(AuditEvent.id >= expected).order_by(AuditEvent.id).limit(max_batch)
             ).mappings().all()
             take: list[Any] = []
-            leaves: list[NewLeaf] = []
+            order: list[int | NewLeaf] = []  # audit ids of events and gap leaves, in id order
             waiting: int | None = None
             for row in rows:
                 if row["id"] != expected:
-                    if take or not _hole_is_final(ctx, s, pg, expected, int(row["id"])):
+                    # PostgreSQL: a hole after some events usually fills by the next pass
+                    if (take and pg) or not _hole_is_final(ctx, s, pg, expected, int(row["id"])):
                         waiting = expected
                         break
-                    leaves.append(NewLeaf(entries.canonical_json(
+                    order.append(NewLeaf(entries.canonical_json(
                         entries.gap_entry(expected, int(row["id"]) - 1)), kind=entries.KIND_GAP))
-                    log.warning("audit ids %d..%d were never committed: gap leaf %d",
-                                expected, int(row["id"]) - 1, size + len(leaves) - 1)
+                    log.warning("audit ids %d..%d were never committed: gap leaf",
+                                expected, int(row["id"]) - 1)
                 take.append(row)
+                order.append(int(row["id"]))
                 expected = int(row["id"]) + 1
-            leaves.extend(_event_leaves(s, take))  # a gap leaf can only come first
+            if pg:
+                _forget_holes(ctx, expected)
+            built = {leaf.audit_event_id: leaf for leaf in _event_leaves(s, take)}
+            leaves = [x if isinstance(x, NewLeaf) else built[x] for x in order]
             last = _latest_sth_row(s)
             sth: SignedTreeHead | None = None
             if leaves:
@@ -373,6 +392,14 @@ def sequence_once(ctx: ServiceContext, *, max_batch: int = DEFAULT_BATCH) -> Seq
             except Exception:  # pragma: no cover - best effort; the original error matters
                 log.exception("could not delete log key %s after a failed pass", created_key)
         raise
+
+
+def _forget_holes(ctx: ServiceContext, below: int) -> None:
+    """Drop watches of holes the log has moved past (they filled by themselves)."""
+    watch: _GapWatch = ctx.cached("ledger", "gap-watch", _GapWatch)
+    with watch.lock:
+        for k in [k for k in watch.holders if k < below]:
+            del watch.holders[k]
 
 
 def _hole_is_final(ctx: ServiceContext, s: Session, pg: bool, expected: int,
@@ -591,9 +618,8 @@ def inclusion_proof(ctx: ServiceContext, *, leaf_index: int | None = None,
         if leaf_index >= size:
             raise NotFoundError(f"leaf {leaf_index} is not in the tree of size {size}",
                                 code="leaf_not_in_tree")
-        path = store.inclusion_proof(leaf_index, size)
-        lh = s.scalar(select(LogLeaf.leaf_hash).where(LogLeaf.leaf_index == leaf_index))
-        return InclusionProof(leaf_index, size, tuple(path), bytes(lh) if lh else None)
+        path, lh = store.inclusion_proof_and_leaf(leaf_index, size)
+        return InclusionProof(leaf_index, size, tuple(path), lh)
 
 
 def consistency_proof(ctx: ServiceContext, first: int, second: int | None = None

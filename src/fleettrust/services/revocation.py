@@ -21,14 +21,14 @@ and the CRLs list them, even before step 6 has written a row per certificate.
 **The per-certificate log** — step 6: one ``revocations`` row (a feed event with its ``seq``)
 per certificate whose state changes, the ``certificates`` and ``devices`` rows updated, and one
 ``status_changes`` row per affected device, all by set-based ``INSERT ... SELECT`` /
-``UPDATE ... WHERE`` statements. An operation covering at most :data:`INLINE_LIMIT`
-certificates does this inside its decision transaction (so a device revocation is entirely one
-transaction); a larger one is written after the commit in chunks of :data:`CHUNK` certificates
-(one transaction each), by a background thread of the deciding process and, should that process
-die, by any process calling :func:`materialize_pending` (servers do so every second). Writing is
-idempotent: a chunk selects only certificates not yet in the target state, so a chunk repeated
-by a second process writes nothing, and repeating a whole operation is a no-op
-(``newly_revoked == 0``).
+``UPDATE ... WHERE`` statements, never a loop over rows. An operation covering at most
+:data:`INLINE_LIMIT` certificates does this inside its decision transaction (so a device
+revocation is entirely one transaction); a larger one is written in one more transaction right
+after the commit, by a background thread of the deciding process and, should that process die,
+by any process calling :func:`materialize_pending` (the CRL publisher of every server does so
+every second). Writing is idempotent: it selects only certificates not yet in the target state,
+so a second process doing the same writes nothing twice, and repeating a whole operation is a
+no-op (``newly_revoked == 0``).
 
 Writers are serialised (``pg_advisory_xact_lock`` on PostgreSQL; SQLite serialises writers with
 ``BEGIN IMMEDIATE``), so ``revocations.seq`` values become visible in commit order: a reader that
@@ -64,6 +64,7 @@ from typing import Any, Final
 
 from sqlalchemy import (
     ColumnElement,
+    Integer,
     String,
     and_,
     case,
@@ -72,6 +73,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    literal_column,
     or_,
     select,
     text,
@@ -116,13 +118,17 @@ SCOPES: Final = ("device", "batch", "factory")
 #: Operations covering at most this many certificates write their per-certificate rows in the
 #: decision transaction.
 INLINE_LIMIT: Final = 2_000
-#: Certificates per transaction when a large operation's rows are written after its decision.
-CHUNK: Final = 5_000
 #: PostgreSQL advisory lock keys: decisions ("ftdecide") and revocation-log writers
 #: ("ftrevoke"). Always taken in this order.
 DECISION_LOCK_KEY: Final = 0x6674_6465_6369_6465
 WRITER_LOCK_KEY: Final = 0x6674_7265_766F_6B65
 _FINAL_DEVICE_STATUSES: Final = ("revoked", "decommissioned")
+#: certificates.rowid per SQLite transaction when writing a large operation's rows.
+SQLITE_CHUNK: Final = 10_000
+
+
+def _rowid() -> ColumnElement[int]:
+    return literal_column("certificates.rowid", Integer())
 
 
 @dataclass(frozen=True)
@@ -404,24 +410,56 @@ def _finish(session: Session, op: RevocationOperation, now: dt.datetime) -> None
 
 
 def materialize(ctx: ServiceContext, operation_id: str) -> None:
-    """Write every per-certificate row of a decided operation in one transaction (idempotent:
-    only certificates not yet in the target state are written, so a second process doing the
-    same at the same time writes nothing twice)."""
+    """Write every per-certificate row of a decided operation (idempotent: only certificates
+    not yet in the target state are written, so a second process doing the same at the same
+    time writes nothing twice).
+
+    PostgreSQL: one transaction (readers are never blocked by it). SQLite: one transaction per
+    :data:`SQLITE_CHUNK` row ids of ``certificates``, because SQLite has one writer at a time
+    and fleettrust's SQLite sessions all begin with ``BEGIN IMMEDIATE``: a 100,000-row
+    transaction would stall every other request for seconds.
+    """
+    if ctx.engine.dialect.name != "sqlite":
+        _write_rows(ctx, operation_id, None)
+        return
+    with ctx.sessions() as session:
+        op = session.scalars(
+            select(RevocationOperation).where(RevocationOperation.id == operation_id)).one()
+        lo, hi = session.execute(select(func.min(_rowid()), func.max(_rowid()))
+                                 .where(leaf_scope(op))).one()
+    if lo is not None:
+        for start in range(int(lo), int(hi) + 1, SQLITE_CHUNK):
+            if not _write_rows(ctx, operation_id, (start, start + SQLITE_CHUNK)):
+                return
+    _write_rows(ctx, operation_id, None)
+
+
+def _write_rows(ctx: ServiceContext, operation_id: str,
+                rowids: tuple[int, int] | None) -> bool:
+    """One transaction of :func:`materialize`: the rows in ``rowids`` (``[lo, hi)``), or all
+    that remain and the operation's end when ``None``. False if the operation is done."""
     with ctx.transaction() as session:
         _lock(session, WRITER_LOCK_KEY)
-        if session.get_bind().dialect.name == "sqlite":
+        sqlite = session.get_bind().dialect.name == "sqlite"
+        if sqlite:
             # Every dirty page stays in memory until commit instead of spilling to the WAL
             # again and again (the default cache is 2 MB); reset below.
             session.execute(text("PRAGMA cache_size = -262144"))
-        op = session.scalars(
-            select(RevocationOperation).where(RevocationOperation.id == operation_id)).one()
-        if op.state == "done":
-            return
         try:
-            _log_and_update(session, op, leaf_scope(op))
-            _finish(session, op, ctx.clock.now())
+            op = session.scalars(
+                select(RevocationOperation).where(RevocationOperation.id == operation_id)).one()
+            if op.state == "done":
+                return False
+            if rowids is not None:
+                rowid = _rowid()
+                _log_and_update(session, op, and_(leaf_scope(op), rowid >= rowids[0],
+                                                  rowid < rowids[1]))
+            else:
+                _log_and_update(session, op, leaf_scope(op))
+                _finish(session, op, ctx.clock.now())
+            return True
         finally:
-            if session.get_bind().dialect.name == "sqlite":
+            if sqlite:
                 session.execute(text("PRAGMA cache_size = -2000"))
 
 
@@ -793,7 +831,6 @@ def list_operations(ctx: ServiceContext, principal: Principal,
 
 
 __all__ = [
-    "CHUNK",
     "INLINE_LIMIT",
     "REASONS",
     "REMOVE_FROM_CRL",

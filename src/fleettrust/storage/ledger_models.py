@@ -7,9 +7,10 @@ the migration installs triggers that refuse UPDATE and DELETE, as for ``audit_ev
 * ``log_leaves`` — leaf ``leaf_index`` (0, 1, 2, … without holes): the exact leaf bytes, their
   RFC 6962 leaf hash, the audit event they log (unique: an event is logged once) and the device
   they are about (for a device's history). Gap leaves have no event.
-* ``log_nodes`` — the hash of every *complete* subtree with two or more leaves: ``level`` L,
-  ``idx`` i covers leaves ``[i·2^L, (i+1)·2^L)`` (level 0 is ``log_leaves.leaf_hash``). Any root
-  or proof of any tree size is a fold of O(log n) of these.
+* ``log_nodes`` — the hash of every *complete* subtree with two or more leaves. The subtree at
+  level L, index i covers leaves ``[i·2^L, (i+1)·2^L)``; its key is ``node_id = L·2^48 + i``
+  (:func:`node_id`; one integer key, so a proof's nodes are one ``IN`` list). Level 0 is
+  ``log_leaves.leaf_hash``. Any root or proof of any tree size is a fold of O(log n) of these.
 * ``log_sths`` — every signed tree head, newest last.
 * ``log_certificates`` — which leaf logs each issued certificate (serial -> leaf).
 * ``log_keys`` — the log's signing key: a key-store ``key_id`` and the public key.
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 
-from sqlalchemy import BigInteger, ForeignKey, Index, Integer, LargeBinary, SmallInteger, String
+from sqlalchemy import BigInteger, ForeignKey, Index, Integer, LargeBinary, String
 from sqlalchemy.orm import Mapped, mapped_column
 
 from fleettrust.storage.models import Base
@@ -50,11 +51,22 @@ class LogLeaf(Base):
     sequenced_at: Mapped[dt.datetime]
 
 
+NODE_LEVEL_SHIFT = 48  # up to 2^48 leaves per log, 63 levels fit in a signed 64-bit key
+
+
+def node_id(level: int, index: int) -> int:
+    """The ``log_nodes`` key of the complete subtree at ``level``, ``index``."""
+    return (level << NODE_LEVEL_SHIFT) | index
+
+
+def node_of(key: int) -> tuple[int, int]:
+    return key >> NODE_LEVEL_SHIFT, key & ((1 << NODE_LEVEL_SHIFT) - 1)
+
+
 class LogNode(Base):
     __tablename__ = "log_nodes"
 
-    level: Mapped[int] = mapped_column(SmallInteger, primary_key=True, autoincrement=False)
-    idx: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    node_id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     hash: Mapped[bytes] = mapped_column(LargeBinary)
 
 

@@ -48,10 +48,10 @@ def upgrade() -> None:
     op.create_index("ix_log_leaves_device", "log_leaves", ["device_id", "leaf_index"])
     op.create_table(
         "log_nodes",
-        sa.Column("level", sa.SmallInteger(), autoincrement=False, nullable=False),
-        sa.Column("idx", sa.BigInteger(), autoincrement=False, nullable=False),
+        # node_id = level * 2^48 + index (fleettrust.storage.ledger_models.node_id)
+        sa.Column("node_id", sa.BigInteger(), autoincrement=False, nullable=False),
         sa.Column("hash", sa.LargeBinary(), nullable=False),
-        sa.PrimaryKeyConstraint("level", "idx"),
+        sa.PrimaryKeyConstraint("node_id"),
     )
     op.create_table(
         "log_sths",
