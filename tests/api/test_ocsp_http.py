@@ -25,7 +25,12 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509 import ocsp as cocsp
 
 from fleettrust.api.app import create_app
-from fleettrust.api.ocsp_routes import FastHttpToolsProtocol, create_ocsp_app, router
+from fleettrust.api.ocsp_routes import (
+    FastHttpToolsProtocol,
+    OcspFastPath,
+    create_ocsp_app,
+    router,
+)
 from fleettrust.revocation.ocsp_responder import OcspResponder
 from fleettrust.services import hierarchy
 from fleettrust.services import revocation as revocation_service
@@ -67,8 +72,10 @@ def serve(app: Any, **options: Any) -> Iterator[str]:
 
 @pytest.fixture
 def ocsp_url(ctx: ServiceContext) -> Iterator[str]:
+    """The operator app with the OCSP router, and the fast-path middleware outermost."""
     app = create_app(ctx)
     app.include_router(router)
+    app.add_middleware(OcspFastPath)
     with serve(app) as url:
         yield f"{url}/ocsp"
     responder: OcspResponder | None = getattr(app.state, "ocsp_responder", None)

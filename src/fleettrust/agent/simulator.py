@@ -88,6 +88,7 @@ from fleettrust.errors import FleetTrustError
 from fleettrust.pki.manifest import Manifest, normalize_manifest
 
 __all__ = [
+    "CLIENTS",
     "MAX_CONCURRENCY",
     "MAX_DEVICES",
     "MAX_DURATION_S",
@@ -96,6 +97,8 @@ __all__ = [
     "SimulationReport",
     "SimulationSnapshot",
     "check_device_key",
+    "count_enrolled",
+    "enroll_devices",
     "ensure_loopback_url",
     "percentile",
     "report_json",
@@ -1000,6 +1003,40 @@ def _merge_snapshots(snaps: list[SimulationSnapshot], elapsed: float) -> Simulat
 
 
 # --- entry point ----------------------------------------------------------------------------------
+
+
+def count_enrolled(root: Path) -> int:
+    """Device directories under ``root`` whose state says ``enrolled`` (cheap: no key or
+    certificate is loaded; :func:`run_simulation` skips the ones that do not load)."""
+    count = 0
+    for directory in _device_dirs(root):
+        try:
+            doc = json.loads((directory / "state.json").read_bytes())
+        except (OSError, ValueError):
+            continue
+        if isinstance(doc, dict) and doc.get("phase") == "enrolled":
+            count += 1
+    return count
+
+
+def enroll_devices(
+    config: SimulationConfig, *, on_progress: Callable[[int], None] | None = None
+) -> tuple[int, int]:
+    """Make ``config.state_root`` hold at least ``config.devices`` enrolled virtual devices,
+    enrolling the missing ones through the operator API's bulk endpoint (needs ``server``,
+    ``token``, ``batch_id``). Returns ``(already there, newly enrolled)``. For benchmarks that
+    register many devices but run check-ins with fewer."""
+    config.validate()
+    if config.state_root is None:
+        raise SimulationError("enroll_devices needs a state_root", code="bad_config")
+    root = config.state_root
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    have = count_enrolled(root)
+    seed = config.seed if config.seed is not None else secrets.randbits(64)
+    rng = random.Random(seed)  # noqa: S311  # synthetic manifests, not cryptography
+    new = _enroll_missing(config, root, config.devices - have, rng, on_progress or (lambda _: None))
+    return have, len(new)
+
 
 
 def run_simulation(

@@ -19,6 +19,8 @@ Two ways to serve it:
   (``app.include_router(router)``). The :class:`OcspResponder` is created on the first request
   from ``app.state.ctx`` and kept in ``app.state.ocsp_responder``; if the application already
   has a revocation index in ``app.state.revocation_index`` the responder subscribes to it.
+  Adding :class:`OcspFastPath` as the outermost middleware (``app.add_middleware(OcspFastPath)``
+  after the others) answers cached POSTs without the FastAPI stack (about 4x cheaper).
 * :func:`create_ocsp_app` / :func:`build_ocsp_app_from_env`: a tiny standalone ASGI app serving
   only ``/ocsp`` (with lifespan start/stop of the responder), e.g. as its own listener::
 
@@ -229,6 +231,35 @@ def _replay(first: Message, receive: Receive) -> Receive:
     return replay
 
 
+class OcspFastPath:
+    """ASGI middleware for the operator app: answers cached OCSP POSTs before anything else.
+
+    The router's endpoint sits behind the whole FastAPI stack (error and body-limit middleware,
+    routing over every API route), which costs several times the answer itself. Added as the
+    outermost middleware (``app.add_middleware(OcspFastPath)`` last), it serves ``POST /ocsp``
+    requests whose bytes the app's responder has answered before, and hands everything else,
+    unchanged, to the application (whose router then does the full work).
+    """
+
+    def __init__(self, app: Callable[[Scope, Receive, Send], Awaitable[None]]) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] == PREFIX:
+            state = getattr(scope.get("app"), "state", None)
+            responder: OcspResponder | None = getattr(state, "ocsp_responder", None)
+            if responder is not None:
+                message = await receive()
+                if message["type"] == "http.request" and not message.get("more_body", False):
+                    resp = responder.lookup_post(message.get("body", b""))
+                    if resp is not None:
+                        await send(resp.start_message)
+                        await send(resp.body_message)
+                        return
+                receive = _replay(message, receive)
+        await self.app(scope, receive, send)
+
+
 # --- the standalone app ------------------------------------------------------------------------
 
 
@@ -418,6 +449,7 @@ __all__ = [
     "FastHttpToolsProtocol",
     "OcspApp",
     "OcspEndpoint",
+    "OcspFastPath",
     "build_ocsp_app_from_env",
     "create_ocsp_app",
     "ocsp_router",

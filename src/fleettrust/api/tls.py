@@ -85,6 +85,7 @@ import itertools
 import logging
 import os
 import signal
+import socket
 import ssl
 import threading
 from collections.abc import Callable, Generator, Hashable, Sequence
@@ -531,6 +532,11 @@ class ManagedServer(uvicorn.Server):
         super().__init__(config)
         #: When False the server installs no signal handlers (its owner handles signals).
         self.handle_signals = True
+        #: Pre-bound listening sockets (inherited from a supervisor process), if any.
+        self.listen_sockets: list[socket.socket] | None = None
+
+    async def serve(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().serve(sockets=sockets if sockets is not None else self.listen_sockets)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -106,16 +106,13 @@ def describe(exc: ApiError) -> str:
     return f"{exc.detail} ({exc.code}, HTTP {exc.status})"
 
 
-def _print_item_errors(exc: ApiError, line_of: dict[int, int] | None = None,
-                       limit: int = 50) -> None:
-    """Per-item errors of a problem document; ``line_of`` maps request item -> file line."""
+def _print_item_errors(exc: ApiError, limit: int = 50) -> None:
+    """The per-item errors of a problem document, one indented line each."""
     for e in exc.errors[:limit]:
-        where = e.get("location")
         line = e.get("line")
-        if isinstance(line, int):
-            where = f"line {line_of.get(line, line) if line_of else line}"
-        message = e.get("message", "")
+        where = f"line {line}" if isinstance(line, int) else e.get("location", "request")
         code = e.get("code")
+        message = e.get("message", "")
         text = f"{where}: {code}: {message}" if code else f"{where}: {message}"
         err.print(f"  {escape(text)}")
     if len(exc.errors) > limit:

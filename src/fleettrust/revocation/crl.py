@@ -126,9 +126,10 @@ class EntryCache:
 
 
 def revoked_certificate(entry: CrlEntry) -> x509.RevokedCertificate:
+    at = entry.revoked_at
     builder = (x509.RevokedCertificateBuilder()
                .serial_number(entry.serial)
-               .revocation_date(entry.revoked_at.replace(microsecond=0)))
+               .revocation_date(at if at.microsecond == 0 else at.replace(microsecond=0)))
     if entry.reason is not None and entry.reason != "unspecified":
         builder = builder.add_extension(x509.CRLReason(REASON_FLAGS[entry.reason]),
                                         critical=False)

@@ -130,6 +130,7 @@ class CrlPublisher:
         self._anchors: dict[tuple[str, int, int], dict[int, crlmod.CrlEntry]] = {}
         self._served: dict[tuple[str, int, str], tuple[float, PublishedCrl]] = {}
         self._checked: dict[str, float] = {}
+        self._digests: dict[str, tuple[int, int]] = {}  # CA -> (CA-level number, entries hash)
         self._lock = threading.Lock()  # one publication at a time in this process
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
@@ -246,6 +247,15 @@ class CrlPublisher:
             now = self.ctx.clock.now().replace(microsecond=0)
             next_update = now + self.validity
             leaves, everything = self._entries(session, ca_id)
+            digest = hash(frozenset(everything.values()))
+            if (not force and not reanchor and head is not None
+                    and self._digests.get(ca_id) == (head.crl_number, digest)):
+                # Same entries as the CRLs just published by this process (a large operation's
+                # rows were written after its rule was published): nothing to re-sign.
+                for row in session.scalars(select(CrlDocument)
+                                           .where(CrlDocument.ca_id == ca_id)):
+                    row.log_seq, row.op_seq = log_seq, op_seq
+                return 0
             issuer = x509.load_der_x509_certificate(ca.certificate_der)
             signer = self.ctx.signer(ca.key_id)
             cache = self._caches.setdefault(ca_id, crlmod.EntryCache())
@@ -279,7 +289,7 @@ class CrlPublisher:
                 delta_der = signer.sign_crl(crlmod.build_delta_crl(
                     issuer, crlmod.delta_entries(anchor_entries, current, now),
                     crl_number=delta_no, base_crl_number=anchor_no, this_update=now,
-                    next_update=next_update, scope=scope,
+                    next_update=next_update, scope=scope, cache=cache,
                 )).public_bytes(serialization.Encoding.DER)
                 self._put(session, docs, ca_id, family, "full", full_no, None, now,
                           next_update, full_der, log_seq, op_seq)
@@ -289,6 +299,8 @@ class CrlPublisher:
                 state.base_seq = log_seq
                 state.this_update, state.next_update, state.der = now, next_update, full_der
                 written += 2
+            ca_level_full = docs[(CA_LEVEL, "full")]
+            self._digests[ca_id] = (ca_level_full.crl_number, digest)
             if reanchor:
                 cache.retain(everything.values())
                 self._anchors = {k: v for k, v in self._anchors.items()
