@@ -329,7 +329,7 @@ def serve_openssl(fleet: Fleet, *, port: int | None = None, tickets: bool = Fals
     gw_dir = fleet.data_dir / "gateway"
     cred = json.loads((gw_dir / "bench-credential.json").read_text())
     port = port or free_port()
-    args = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}", "-naccept", "-1",
+    args = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}",
             "-cert", cred["cert_chain_path"], "-key", cred["key_path"],
             "-pass", "env:FLEETTRUST_KEYSTORE_PASSPHRASE",
             "-CAfile", cred["client_ca_path"], "-Verify", "1", "-www", "-quiet"]

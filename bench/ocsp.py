@@ -13,7 +13,8 @@ Three servers are measured in the same run, on the same machine, with the same c
     fleettrust.api.ocsp_routes:build_ocsp_app_from_env`` (the standalone OCSP app; each worker
     has its own pre-signed cache and revocation index, as in production);
 (d) for information: the operator app (``create_app`` + ``include_router(ocsp_routes.router)``)
-    with 2 workers, i.e. the OCSP route behind FastAPI's middleware stack and router.
+    with 2 workers, i.e. the OCSP route behind FastAPI's middleware stack and router, as is
+    and wrapped in ``OcspFastPath`` (cached POSTs answered before the FastAPI stack).
 
 Every server's answer is checked (parsed, status ``good``, right serial) before it is timed.
 ``openssl ocsp`` spins at 100% CPU forever once a client connects and closes without sending
@@ -25,7 +26,7 @@ warm-up run first (their caches fill on the first request each worker sees).
 
 Goals named by the issue: fleettrust >= 2.5x openssl, >= 0.85x the plain endpoint, p99 <= 2 ms.
 
-    .venv/bin/python bench/ocsp.py                  # SQLite, 10 s per server
+    .venv/bin/python bench/ocsp.py                  # SQLite, 7 rounds of 4 s per server
     .venv/bin/python bench/ocsp.py --db postgresql --duration 15 --json out.json
 
 Loopback only; every child process is killed at the end (bounded by --duration per run).
@@ -127,7 +128,8 @@ async def app(scope, receive, send):
 '''
 
 OPERATOR_APP = '''
-"""The operator app with the OCSP router included, as the lead mounts it."""
+"""The operator app with the OCSP router included (and, for `build_fast`, wrapped in
+OcspFastPath)."""
 
 
 def build():
@@ -139,6 +141,12 @@ def build():
     app = create_app(ServiceContext.create(Settings.load()))
     app.include_router(router)
     return app
+
+
+def build_fast():
+    from fleettrust.api.ocsp_routes import OcspFastPath
+
+    return OcspFastPath(build())
 '''
 
 
@@ -460,12 +468,17 @@ def run_wrk(name: str, url: str, s: Setup, script: Path, *, duration: float, con
                   cpu_us=cpu / max(data["requests"], 1) * 1e6)
 
 
-def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path) -> Result:
+def check_openssl(s: Setup, log: Path) -> str:
+    """Check openssl's answer with a responder of its own: a checked-and-closed connection
+    could leave a child spinning, which would slow a timed run."""
     port = free_port()
-    # Check with a responder of its own: a checked-and-closed connection could leave a child
-    # spinning, which would slow the timed run.
     with process(openssl_argv(s, port), {}, port, log, new_session=False):
-        check = check_answer(f"http://127.0.0.1:{port}/", s)
+        return check_answer(f"http://127.0.0.1:{port}/", s)
+
+
+def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path,
+                    check: str) -> Result:
+    """One timed run against a fresh ``openssl ocsp -multi 2`` (killed afterwards)."""
     port = free_port()
     with process(openssl_argv(s, port), {}, port, log, new_session=False) as pgid:
         return run_wrk("openssl ocsp -multi 2", f"http://127.0.0.1:{port}/", s, script,
@@ -473,17 +486,29 @@ def measure_openssl(s: Setup, script: Path, args: argparse.Namespace, log: Path)
                        threads=args.threads, check=check, pgid=pgid)
 
 
-def measure_uvicorn(name: str, argv_for: Any, s: Setup, script: Path, args: argparse.Namespace,
-                    log: Path) -> Result:
-    port = free_port()
+@dataclass
+class Running:
+    """A uvicorn server started once for the whole benchmark, checked and warmed up."""
+
+    name: str
+    url: str
+    pgid: int
+    check: str
+
+    def measure(self, s: Setup, script: Path, args: argparse.Namespace) -> Result:
+        return run_wrk(self.name, self.url, s, script, duration=args.duration,
+                       connections=args.connections, threads=args.threads, check=self.check,
+                       pgid=self.pgid)
+
+
+def start_uvicorn(stack: contextlib.ExitStack, name: str, argv: list[str], port: int, s: Setup,
+                  script: Path, args: argparse.Namespace, log: Path) -> Running:
     url = f"http://127.0.0.1:{port}/ocsp"
-    with process(argv_for(port), s.env, port, log) as pgid:
-        check = check_answer(url, s)
-        run_wrk(name, url, s, script, duration=args.warmup, connections=args.connections,
-                threads=args.threads, check=check, pgid=pgid)  # warm-up: every cache fills
-        return run_wrk(name, url, s, script, duration=args.duration,
-                       connections=args.connections, threads=args.threads, check=check,
-                       pgid=pgid)
+    pgid = stack.enter_context(process(argv, s.env, port, log))
+    check = check_answer(url, s)
+    run_wrk(name, url, s, script, duration=args.warmup, connections=args.connections,
+            threads=args.threads, check=check, pgid=pgid)  # warm-up: every worker's cache fills
+    return Running(name, url, pgid, check)
 
 
 def _median(values: list[float]) -> float:
@@ -494,8 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--db", choices=["sqlite", "postgresql"], default="sqlite")
     ap.add_argument("--pg-url", default=os.environ.get("FLEETTRUST_TEST_PG_URL", DEFAULT_PG_URL))
-    ap.add_argument("--duration", type=float, default=8.0, help="seconds per timed run")
-    ap.add_argument("--rounds", type=int, default=3,
+    ap.add_argument("--duration", type=float, default=4.0, help="seconds per timed run")
+    ap.add_argument("--rounds", type=int, default=7,
                     help="interleaved rounds (a, b, c, d, a, b, ...); medians are reported")
     ap.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up (uvicorn)")
     ap.add_argument("--connections", type=int, default=50)
@@ -528,36 +553,40 @@ def main(argv: list[str] | None = None) -> int:
             script.write_text(WRK_SCRIPT)
             (tmp / "plain_app.py").write_text(textwrap.dedent(PLAIN_APP))
             (tmp / "operator_app.py").write_text(textwrap.dedent(OPERATOR_APP))
-            servers: list[tuple[str, Any]] = [
-                ("openssl ocsp -multi 2", lambda: measure_openssl(s, script, args, log)),
-                ("plain ASGI, uvicorn 2 workers", lambda: measure_uvicorn(
-                    "plain ASGI, uvicorn 2 workers",
-                    lambda p: uvicorn_argv("plain_app:app", p, factory=False, app_dir=tmp),
-                    s, script, args, log)),
-                ("fleettrust OCSP app, uvicorn 2 workers", lambda: measure_uvicorn(
-                    "fleettrust OCSP app, uvicorn 2 workers",
-                    lambda p: uvicorn_argv("fleettrust.api.ocsp_routes:build_ocsp_app_from_env",
-                                           p, factory=True), s, script, args, log)),
+            uvicorn_servers = [
+                ("plain ASGI, uvicorn 2 workers", "plain_app:app", False, tmp),
+                ("fleettrust OCSP app, uvicorn 2 workers",
+                 "fleettrust.api.ocsp_routes:build_ocsp_app_from_env", True, None),
             ]
             if not args.skip_operator_app:
-                servers.append(("fleettrust operator app + router, 2 workers",
-                                lambda: measure_uvicorn(
-                                    "fleettrust operator app + router, 2 workers",
-                                    lambda p: uvicorn_argv("operator_app:build", p, factory=True,
-                                                           app_dir=tmp), s, script, args, log)))
+                uvicorn_servers += [
+                    ("operator app + router, 2 workers", "operator_app:build", True, tmp),
+                    ("OcspFastPath(operator app + router)", "operator_app:build_fast", True,
+                     tmp),
+                ]
+            names = ["openssl ocsp -multi 2"] + [u[0] for u in uvicorn_servers]
             rounds: list[list[Result]] = []
-            for n in range(args.rounds):
-                row = [measure() for _name, measure in servers]
-                rounds.append(row)
-                print(f"round {n + 1}: " + ", ".join(f"{r.rate:.0f}/s" for r in row)
-                      + f" (load {os.getloadavg()[0]:.1f})")
+            with contextlib.ExitStack() as stack:
+                openssl_check = check_openssl(s, log)
+                running = []
+                for name, spec, factory, app_dir in uvicorn_servers:
+                    port = free_port()
+                    running.append(start_uvicorn(
+                        stack, name, uvicorn_argv(spec, port, factory=factory, app_dir=app_dir),
+                        port, s, script, args, log))
+                for n in range(args.rounds):
+                    row = [measure_openssl(s, script, args, log, openssl_check)]
+                    row += [r.measure(s, script, args) for r in running]
+                    rounds.append(row)
+                    print(f"round {n + 1}: " + ", ".join(f"{r.rate:.0f}/s" for r in row)
+                          + f" (load {os.getloadavg()[0]:.1f})", flush=True)
 
     print(f"\n{args.connections} kept-alive connections, wrk -t{args.threads}, "
           f"{args.duration:g} s per run, median of {args.rounds} interleaved rounds\n")
     print(f"{'server':46} {'resp/s':>9} {'p50 ms':>7} {'p99 ms':>7} {'CPU us/resp':>11} "
           f"{'errors':>6}")
     summary = []
-    for i, (name, _m) in enumerate(servers):
+    for i, name in enumerate(names):
         runs = [row[i] for row in rounds]
         med = {"name": name, "rate": _median([r.rate for r in runs]),
                "p50_ms": _median([r.p50_ms for r in runs]),

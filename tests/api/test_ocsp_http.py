@@ -333,3 +333,24 @@ def test_standalone_app(ctx: ServiceContext, devices: list[IssuedCert]) -> None:
         assert app.responder is not None
         assert app.responder.cache_size() == 1
     assert app.responder._closed  # lifespan shutdown stopped it
+
+
+def test_fast_path_wrapping_the_operator_app(ctx: ServiceContext,
+                                             devices: list[IssuedCert]) -> None:
+    """``OcspFastPath(app)``: cached POSTs answered before the FastAPI stack, the rest (first
+    request, GET, other API routes) passed through."""
+    app = create_app(ctx)
+    app.include_router(router)
+    d = devices[0]
+    der = ocsp_request(d.cert, d.issuer)
+    with serve(OcspFastPath(app)) as url, httpx.Client(timeout=10) as client:
+        for _ in range(3):
+            r = client.post(f"{url}/ocsp", content=der)
+            assert check_signed_by_delegate(r.content, d.issuer).certificate_status \
+                is cocsp.OCSPCertStatus.GOOD
+        responder: OcspResponder = app.state.ocsp_responder
+        assert responder.stats["signed"] == 1  # the later answers came from the cache
+        assert client.get(f"{url}/openapi.json").status_code == 200
+        r = client.post(f"{url}/ocsp", content=b"junk")
+        assert _status(r.content) is cocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    responder.close()

@@ -263,6 +263,9 @@ def test_api_reads(ctx: ServiceContext, admin: Principal, factory_principal: Pri
         r = api.get("/v1/log/proof/inclusion", params={"leaf_index": 0, "tree_size": 10**6})
         assert r.status_code == 404
         assert r.json()["code"] == "tree_size_unknown"
+        r = api.get("/v1/log/proof/consistency", params={"first": 1, "second": 10**6})
+        assert r.status_code == 404
+        assert r.json()["code"] == "tree_size_unknown"
         c = api.get("/v1/log/proof/consistency", params={"first": 2}).json()
         assert c["second"] == sth.tree_size
         assert c["consistency"]

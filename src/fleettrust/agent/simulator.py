@@ -632,6 +632,9 @@ class _Run:
                          ) -> _Answer:
         fresh = False
         conn = device.conn
+        if conn is not None and conn.reader.at_eof():  # the server closed it while idle
+            self._drop_lean(device)
+            conn = None
         if conn is None:
             if device.context is None:
                 _make_context(device, self.config)

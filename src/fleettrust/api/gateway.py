@@ -33,12 +33,13 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+from cryptography import x509
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
-from fleettrust import __version__
+from fleettrust import __version__, pki
 from fleettrust.api.problems import BodyLimitMiddleware, install_error_handlers
 from fleettrust.api.tls import ConnectionRegistry, tls_info
 from fleettrust.errors import AuthenticationError, AuthorizationError, FleetTrustError
@@ -88,6 +89,7 @@ class GatewayState:
         self.session_id_prefix = f"{os.getpid()}-"
         self.closed_total = 0
         self.index = RevocationIndex(ctx)
+        self.ca_by_key_id: dict[str, str] = {}
 
     def check_revocation(self, ident: svc.DeviceIdentity) -> None:
         """Refuse a revoked or held certificate (or device), from memory: O(1)."""
@@ -101,6 +103,25 @@ class GatewayState:
         if st.status == "hold":
             raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
         raise AuthorizationError("certificate is revoked", code="certificate_revoked")
+
+    def precheck_certificate(self, cert_der: bytes) -> None:
+        """Refuse a revoked certificate from what it says itself (serial, issuing CA from its
+        AKI, batch from the device-binding extension) before any database query: a new
+        connection of a device of a revoked batch is refused even while the database is busy
+        writing that batch's revocation rows (SQLite has one writer, and sessions wait)."""
+        try:
+            cert = x509.load_der_x509_certificate(cert_der)
+            aki = cert.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+            binding = pki.device_binding_from_certificate(cert)
+        except (ValueError, x509.ExtensionNotFound, FleetTrustError):
+            return  # identify_certificate gives the precise refusal
+        ca_id = self.ca_by_key_id.get(aki.key_identifier.hex()) if aki.key_identifier else None
+        st = self.index.check(format(cert.serial_number, "x"), ca_id=ca_id,
+                              batch_id=binding.batch_id if binding else None)
+        if st is not None:
+            if st.status == "hold":
+                raise AuthorizationError("certificate is on hold", code="certificate_on_hold")
+            raise AuthorizationError("certificate is revoked", code="certificate_revoked")
 
     def on_revocations(self, events: list[RevocationEvent]) -> None:
         """Close the connections of devices whose certificate was just revoked or held."""
@@ -178,6 +199,7 @@ async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceId
             entry = st.cache.get(cid)
             now = time.monotonic()
             if entry is None:
+                st.precheck_certificate(peer)
                 ident = await run_in_threadpool(svc.identify_certificate, st.ctx, peer)
                 st.cache[cid] = _CacheEntry(ident, now)
                 st.by_device.setdefault(ident.device_id, set()).add(cid)
@@ -257,6 +279,7 @@ def create_gateway_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         await asyncio.to_thread(state.index.load)
+        state.ca_by_key_id = await asyncio.to_thread(svc.ca_ids_by_key_id, ctx)
 
         def on_events(events: list[RevocationEvent]) -> None:  # sync thread -> event loop
             loop.call_soon_threadsafe(state.on_revocations, events)
@@ -368,6 +391,7 @@ async def _watch(state: GatewayState) -> None:
                 state.by_device.get(entry.ident.device_id, set()).discard(cid)
             if state.ssl_context is not None and time.monotonic() >= next_ca:
                 next_ca = time.monotonic() + CA_REFRESH_S
+                state.ca_by_key_id = await run_in_threadpool(svc.ca_ids_by_key_id, state.ctx)
                 for p in await run_in_threadpool(svc.active_ca_pems, state.ctx):
                     if p not in state.known_cas:
                         state.ssl_context.load_verify_locations(cadata=p)

@@ -106,7 +106,7 @@ async def serve_process(
     gateway_server: list[Any] = []
 
     async def run_gateway() -> None:
-        while not await _has_fleet_ca(ctx):
+        while not await _has_fleet_ca(ctx):  # noqa: ASYNC110 - polls the database, not a local flag
             await asyncio.sleep(FLEET_CA_POLL_S)
         gw = await asyncio.to_thread(build_gateway, ctx)
         gw.server.handle_signals = False

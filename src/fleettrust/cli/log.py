@@ -56,7 +56,6 @@ ServerOpt = Annotated[str, typer.Option("--server", envvar="FLEETTRUST_SERVER",
                                         help="API base URL")]
 TokenOpt = Annotated[str | None, typer.Option("--token", envvar="FLEETTRUST_TOKEN",
                                               help="API token", show_default=False)]
-FileOpt = Annotated[Path | None, typer.Option(dir_okay=False, show_default=False)]
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2
@@ -169,16 +168,20 @@ def verify(
 def fetch(
     what: Annotated[str, typer.Argument(
         help="sth | public-key | inclusion | consistency | entry | entries")],
-    out: FileOpt = None,
+    out: Annotated[Path | None, typer.Option(dir_okay=False, show_default=False,
+                                             help="write here instead of stdout")] = None,
     leaf_index: Annotated[int | None, typer.Option(min=0, show_default=False)] = None,
-    leaf_hash: Annotated[str | None, typer.Option(show_default=False)] = None,
+    leaf_hash: Annotated[str | None, typer.Option(help="hex or base64",
+                                                  show_default=False)] = None,
     serial: Annotated[str | None, typer.Option(help="certificate serial (hex)",
                                                show_default=False)] = None,
-    tree_size: Annotated[int | None, typer.Option(min=0, show_default=False)] = None,
+    tree_size: Annotated[int | None, typer.Option(
+        min=0, show_default=False, help="for sth / inclusion; default: the latest")] = None,
     first: Annotated[int | None, typer.Option(min=0, show_default=False)] = None,
     second: Annotated[int | None, typer.Option(min=0, show_default=False)] = None,
-    start: Annotated[int, typer.Option(min=0)] = 0,
-    end: Annotated[int | None, typer.Option(min=0, show_default=False)] = None,
+    start: Annotated[int, typer.Option(min=0, help="entries: first leaf")] = 0,
+    end: Annotated[int | None, typer.Option(
+        min=0, show_default=False, help="entries: last leaf (default: the latest STH's)")] = None,
     server: ServerOpt = DEFAULT_SERVER,
     token: TokenOpt = None,
 ) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 from cryptography import x509
 
@@ -54,21 +54,14 @@ REASON_FLAGS: Final[Mapping[str, x509.ReasonFlags]] = {
 REASON_NAMES: Final[Mapping[x509.ReasonFlags, str]] = {v: k for k, v in REASON_FLAGS.items()}
 
 
-@dataclass(frozen=True, slots=True)
-class CrlEntry:
-    """One revoked (or held) certificate: serial, revocation time, RFC 5280 reason name."""
+class CrlEntry(NamedTuple):
+    """One revoked (or held) certificate: serial, revocation time (aware), RFC 5280 reason name
+    (``None`` or ``"unspecified"``: no reasonCode extension). A tuple, because a publication
+    handles 100,000 of them; :func:`revoked_certificate` checks the values."""
 
     serial: int
     revoked_at: dt.datetime
-    reason: str | None  # None or "unspecified": no reasonCode extension
-
-    def __post_init__(self) -> None:
-        if self.serial <= 0:
-            raise ValueError("serial numbers are positive (RFC 5280 §4.1.2.2)")
-        if self.revoked_at.tzinfo is None:
-            raise ValueError("revoked_at must be timezone-aware")
-        if self.reason is not None and self.reason not in REASON_FLAGS:
-            raise ValueError(f"unknown CRL reason {self.reason!r}")
+    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,25 +100,30 @@ class EntryCache:
     """
 
     def __init__(self) -> None:
-        self._cache: dict[tuple[int, dt.datetime, str | None], x509.RevokedCertificate] = {}
+        self._cache: dict[CrlEntry, x509.RevokedCertificate] = {}
 
     def __len__(self) -> int:
         return len(self._cache)
 
     def get(self, entry: CrlEntry) -> x509.RevokedCertificate:
-        key = (entry.serial, entry.revoked_at, entry.reason)
-        built = self._cache.get(key)
+        built = self._cache.get(entry)
         if built is None:
-            built = self._cache[key] = revoked_certificate(entry)
+            built = self._cache[entry] = revoked_certificate(entry)
         return built
 
     def retain(self, keep: Iterable[CrlEntry]) -> None:
         """Forget entries not in ``keep`` (call after a regeneration of everything)."""
-        wanted = {(e.serial, e.revoked_at, e.reason) for e in keep}
+        wanted = set(keep)
         self._cache = {k: v for k, v in self._cache.items() if k in wanted}
 
 
 def revoked_certificate(entry: CrlEntry) -> x509.RevokedCertificate:
+    if entry.serial <= 0:
+        raise ValueError("serial numbers are positive (RFC 5280 §4.1.2.2)")
+    if entry.revoked_at.tzinfo is None:
+        raise ValueError("revoked_at must be timezone-aware")
+    if entry.reason is not None and entry.reason not in REASON_FLAGS:
+        raise ValueError(f"unknown CRL reason {entry.reason!r}")
     at = entry.revoked_at
     builder = (x509.RevokedCertificateBuilder()
                .serial_number(entry.serial)
@@ -183,7 +181,7 @@ def _entries(entries: Sequence[CrlEntry], cache: EntryCache | None,
     if not delta and any(e.reason == "removeFromCRL" for e in entries):
         raise ValueError("removeFromCRL appears only in delta CRLs (§5.3.1)")
     get = cache.get if cache is not None else revoked_certificate
-    return [get(e) for e in sorted(entries, key=lambda e: e.serial)]
+    return [get(e) for e in sorted(entries)]
 
 
 def build_complete_crl(

@@ -42,7 +42,7 @@ from typing import Any, Final, cast
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from sqlalchemy import Connection, bindparam, func, insert, select, text
+from sqlalchemy import Connection, bindparam, func, insert, select, text, union_all
 from sqlalchemy.orm import Session
 
 from fleettrust.errors import ConflictError, NotFoundError, ValidationError
@@ -89,11 +89,14 @@ HISTORY_ROLES: Final = ("admin", "auditor", "factory", "device-owner", "repair-c
 
 # --- storage ------------------------------------------------------------------------------------
 
-# Built once: executions reuse the compiled statements (expanding IN lists).
-_LEAF_HASHES: Final = (select(LogLeaf.leaf_index, LogLeaf.leaf_hash)
-                       .where(LogLeaf.leaf_index.in_(bindparam("ids", expanding=True))))
-_NODE_HASHES: Final = (select(LogNode.node_id, LogNode.hash)
-                       .where(LogNode.node_id.in_(bindparam("ids", expanding=True))))
+# Built once, so executions reuse the compiled statement. A leaf's node id is its index (level
+# 0), inner nodes have ids >= 2^48: one round trip for both tables.
+_NODE_HASHES: Final = union_all(
+    select(LogLeaf.leaf_index, LogLeaf.leaf_hash)
+    .where(LogLeaf.leaf_index.in_(bindparam("leaves", expanding=True))),
+    select(LogNode.node_id, LogNode.hash)
+    .where(LogNode.node_id.in_(bindparam("inner", expanding=True))),
+)
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,8 @@ class LedgerStore:
         leaves = [i for lv, i in wanted if lv == 0]
         inner = [node_id(lv, i) for lv, i in wanted if lv > 0]
         out: dict[merkle.Node, bytes] = {}
-        if leaves:
-            for i, h in self.session.execute(_LEAF_HASHES, {"ids": leaves}):
-                out[(0, int(i))] = bytes(h)
-        if inner:
-            for k, h in self.session.execute(_NODE_HASHES, {"ids": inner}):
+        if wanted:
+            for k, h in self.session.execute(_NODE_HASHES, {"leaves": leaves, "inner": inner}):
                 out[node_of(int(k))] = bytes(h)
         missing = wanted - out.keys()
         if missing:
@@ -158,16 +158,23 @@ class LedgerStore:
                                 code="tree_size_unknown")
         return current
 
+    def _fetch_for(self, keys: set[merkle.Node], size: int) -> dict[merkle.Node, bytes]:
+        """Nodes of a tree of ``size`` leaves; a size beyond the log is a 404, not corruption."""
+        try:
+            return self.nodes(keys)
+        except LedgerCorruptError:
+            self._check_size(size)
+            raise
+
     def inclusion_proofs(self, indices: Sequence[int], size: int) -> dict[int, list[bytes]]:
         """Inclusion proofs of several leaves against one tree size, with one node fetch."""
-        self._check_size(size)
         shapes = {}
         for i in indices:
             if not 0 <= i < size:
                 raise NotFoundError(f"leaf {i} is not in the tree of size {size}",
                                     code="leaf_not_in_tree")
             shapes[i] = merkle.inclusion_ranges(i, size)
-        got = self.nodes(merkle.nodes_needed(r for rs in shapes.values() for r in rs))
+        got = self._fetch_for(merkle.nodes_needed(r for rs in shapes.values() for r in rs), size)
         return {i: merkle.compute_hashes(rs, got.__getitem__) for i, rs in shapes.items()}
 
     def inclusion_proof(self, index: int, size: int) -> list[bytes]:
@@ -175,23 +182,25 @@ class LedgerStore:
 
     def inclusion_proof_and_leaf(self, index: int, size: int) -> tuple[list[bytes], bytes]:
         """The audit path of leaf ``index`` in the tree of ``size`` leaves, and its leaf hash
-        (one node fetch for both)."""
-        self._check_size(size)
+        (one query for both)."""
         if not 0 <= index < size:
             raise NotFoundError(f"leaf {index} is not in the tree of size {size}",
                                 code="leaf_not_in_tree")
         ranges = merkle.inclusion_ranges(index, size)
-        got = self.nodes(merkle.nodes_needed(ranges) | {(0, index)})
+        got = self._fetch_for(merkle.nodes_needed(ranges) | {(0, index)}, size)
         return merkle.compute_hashes(ranges, got.__getitem__), got[(0, index)]
 
     def consistency_proof(self, first: int, second: int) -> list[bytes]:
         if not 0 <= first <= second:
             raise ValidationError(f"first ({first}) must be between 0 and second ({second})",
                                   code="bad_tree_sizes")
-        self._check_size(second)
         ranges = merkle.consistency_ranges(first, second)
-        got = self.nodes(merkle.nodes_needed(ranges))
-        return merkle.compute_hashes(ranges, got.__getitem__)
+        if not ranges:
+            self._check_size(second)
+            return []
+        # the last range ends at `second`: its nodes exist only if the log is that large
+        return merkle.compute_hashes(ranges, self._fetch_for(merkle.nodes_needed(ranges),
+                                                             second).__getitem__)
 
     # writes
 
