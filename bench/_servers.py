@@ -35,6 +35,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BASE = Path("/tmp/fleettrust-bench")
+DEFAULT_BASE = Path(tempfile.gettempdir()) / "fleettrust-bench"
 DEFAULT_PG_URL = os.environ.get("FLEETTRUST_BENCH_PG_URL",
                                 "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 PG_SCHEMA = "bench_gateway"
@@ -98,7 +99,7 @@ class Fleet:
 
 
 def device_root(fleet_dir: Path) -> Path:
-    shm = Path("/dev/shm")
+    shm = Path("/dev") / "shm"
     if shm.is_dir() and os.access(shm, os.W_OK):
         return shm / "fleettrust-bench" / fleet_dir.name / "devices"
     return fleet_dir / "devices"
@@ -145,7 +146,7 @@ def _cached(fleet_dir: Path) -> Fleet | None:
         with engine.connect() as c:
             found = c.execute(select(Batch.id).where(Batch.id == fleet.batch_id)).first()
         engine.dispose()
-    except Exception:  # noqa: BLE001  # any trouble: rebuild
+    except Exception:  # any trouble: rebuild
         return None
     return fleet if found else None
 
@@ -324,26 +325,30 @@ def serve_gateway(fleet: Fleet, *, workers: int, port: int | None = None,
 
 def serve_openssl(fleet: Fleet, *, port: int | None = None, tickets: bool = False) -> Proc:
     """``openssl s_server -www`` with the gateway's own certificate, key and client-CA bundle,
-    requiring a client certificate (``-Verify 1``). Start the gateway once before (it writes
-    the credential files)."""
+    requiring a client certificate (``-Verify 5``: chain depth up to 5). Start the gateway
+    once before (it writes the credential files)."""
     gw_dir = fleet.data_dir / "gateway"
     cred = json.loads((gw_dir / "bench-credential.json").read_text())
     port = port or free_port()
     args = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}",
             "-cert", cred["cert_chain_path"], "-key", cred["key_path"],
             "-pass", "env:FLEETTRUST_KEYSTORE_PASSPHRASE",
-            "-CAfile", cred["client_ca_path"], "-Verify", "1", "-www", "-quiet"]
+            "-CAfile", cred["client_ca_path"], "-Verify", "5", "-www", "-quiet"]
     if not tickets:
         args.append("-no_ticket")
-    popen = subprocess.Popen(args, env=bench_env(), stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # s_server prints its verify callback for every connection even with -quiet, and an
+    # error line for some: never let it block on a full pipe
+    log = fleet.base / "openssl-s_server.log"
+    with log.open("w") as err_file:
+        popen = subprocess.Popen(args, env=bench_env(), stdin=subprocess.DEVNULL,
+                                 stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return Proc("openssl s_server", popen, port)
         if popen.poll() is not None:
-            raise RuntimeError(f"openssl s_server failed: {popen.stderr.read() if popen.stderr else ''}")
+            raise RuntimeError(f"openssl s_server failed: {log.read_text()[-2000:]}")
         time.sleep(0.05)
     popen.kill()
     raise RuntimeError("openssl s_server did not start")
@@ -396,7 +401,6 @@ def _run_api(fleet: Fleet) -> None:
 
 
 def _run_gateway(fleet: Fleet, workers: int, port: int) -> None:
-    from fleettrust.api.gateway_server import build_gateway
     from fleettrust.services.gateway import ensure_gateway_credential
 
     ctx = _ctx(fleet)
@@ -424,7 +428,7 @@ def _run_gateway(fleet: Fleet, workers: int, port: int) -> None:
             code = 0
             try:
                 _gateway_worker(fleet, sock, bound, ready_w)
-            except BaseException:  # noqa: BLE001
+            except BaseException:
                 import traceback
 
                 traceback.print_exc()

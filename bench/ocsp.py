@@ -1,7 +1,9 @@
 """Benchmark: OCSP responses per second and latency (p50/p99), 50 kept-alive connections.
 
-Three servers are measured in the same run, on the same machine, with the same client
-(``wrk``, POSTing one fixed nonce-less SHA-1 request for a good device certificate):
+These servers are measured in the same run, on the same machine, with the same client
+(``wrk``, POSTing one fixed nonce-less SHA-1 request for a good device certificate), in
+interleaved rounds (a, b, c, d, d', a, b, ...; medians reported, ratios are medians of the
+per-round ratios) because the project machine is shared and its load varies by the second:
 
 (a) ``openssl ocsp -multi 2`` answering from an ``index.txt`` built from the fleettrust database
     (every certificate of the issuing CA, revoked ones with time and reason), signing with the
@@ -21,8 +23,14 @@ Every server's answer is checked (parsed, status ``good``, right serial) before 
 (wrk's default address probe does exactly that, and so does the end of a kept-alive run), so:
 the Lua script overrides ``wrk.resolve`` to skip the probe, readiness is detected from
 ``/proc/net/tcp`` instead of a test connection, the check uses its own responder instance, and
-every timed run gets a fresh responder that is killed afterwards. uvicorn servers get a short
-warm-up run first (their caches fill on the first request each worker sees).
+every timed run gets a fresh responder that is killed afterwards. uvicorn servers are started
+once, checked and warmed up (their caches fill on the first request each worker sees), and stay
+up (idle) between their runs. Every uvicorn server uses the same HTTP protocol class
+(``FastHttpToolsProtocol``: TCP_NODELAY, one send() per response; ``--stock-http`` for uvicorn's).
+
+Besides responses/s, the table gives the server's CPU time per response (user + system time of
+all its processes over the run, from /proc): it does not depend on how much CPU other processes
+on the host leave to the run, so it is the steadier comparison on a busy machine.
 
 Goals named by the issue: fleettrust >= 2.5x openssl, >= 0.85x the plain endpoint, p99 <= 2 ms.
 

@@ -96,6 +96,7 @@ class Settings:
         host: str | None = None,
         port: int | None = None,
         public_base_url: str | None = None,
+        gateway_port: int | None = None,
     ) -> Settings:
         """Build settings from arguments, then ``FLEETTRUST_*`` variables, then defaults."""
         ddir = Path(data_dir or _env("DATA_DIR") or "./data").expanduser().resolve()
@@ -103,7 +104,7 @@ class Settings:
         h = host or _env("HOST") or DEFAULT_HOST
         p = port or int(_env("PORT") or DEFAULT_PORT)
         base = public_base_url or _env("PUBLIC_BASE_URL") or f"http://{h}:{p}"
-        gw_port = int(_env("GATEWAY_PORT") or DEFAULT_GATEWAY_PORT)
+        gw_port = gateway_port or int(_env("GATEWAY_PORT") or DEFAULT_GATEWAY_PORT)
         gw_dns = tuple(n for n in (_env("GATEWAY_DNS_NAMES") or "").split(",") if n)
         gw_ips = tuple(n for n in (_env("GATEWAY_IPS") or "127.0.0.1").split(",") if n)
         ks = _env("KEY_STORE") or "file"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import re
+import secrets
 import subprocess
 import threading
 import time
@@ -210,7 +211,7 @@ def _b64_with_all_escapes(d: IssuedCert) -> tuple[bytes, str]:
     """A request whose base64 contains '/', '+' and '=' (nonces vary the bytes)."""
     for i in range(5000):
         # the nonce length varies too, so that the length is not a multiple of 3 ('=')
-        der = ocsp_request(d.cert, d.issuer, nonce=i.to_bytes(4, "big") + b"x" * (i % 3))
+        der = ocsp_request(d.cert, d.issuer, nonce=secrets.token_bytes(12 + i % 3))
         text = base64.b64encode(der).decode()
         if "/" in text and "+" in text and "=" in text:
             return der, text

@@ -2,7 +2,7 @@
 
 OpenAPI is published at ``/openapi.json``. The device gateway (mutual TLS) is a separate
 application on a separate listener; this one serves operators, factories, owners and the public
-PKI endpoints (CA certificates; CRLs and OCSP arrive with the revocation work).
+PKI endpoints (CA certificates, CRLs, OCSP), the revocation feed and the transparency log.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ from fastapi import FastAPI
 
 from fleettrust import __version__
 from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
+from fleettrust.api.device_admin_routes import router as device_admin_router
+from fleettrust.api.feed_routes import operator_router as feed_operator_router
+from fleettrust.api.ledger_routes import router as ledger_router
 from fleettrust.api.routes import public, router
 from fleettrust.services.context import ServiceContext
 
@@ -25,6 +28,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     install_error_handlers(app)
     app.include_router(public)
     app.include_router(router)
+    app.include_router(device_admin_router)
+    app.include_router(ledger_router)
+    app.include_router(feed_operator_router)
     bulk_limit = ctx.settings.max_bulk_body_bytes
 
     def limit_for(path: str) -> int | None:

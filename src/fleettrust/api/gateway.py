@@ -205,6 +205,7 @@ async def _identify(request: Request, *, allow_quarantine: bool) -> svc.DeviceId
                 st.by_device.setdefault(ident.device_id, set()).add(cid)
                 st.registry.bind(cid, ident.device_id)
             elif now - entry.checked > FRESHNESS_S:
+                st.check_revocation(entry.ident)  # from memory, before waiting on the database
                 ident = await run_in_threadpool(svc.refresh_status, st.ctx, entry.ident)
                 st.cache[cid] = _CacheEntry(ident, now)
             else:

@@ -26,6 +26,8 @@ from rich.markup import escape
 
 from fleettrust import __version__
 from fleettrust.cli.agent import agent_app, simulate
+from fleettrust.cli.log import device_history, log_app
+from fleettrust.cli.mosquitto import mosquitto_app
 from fleettrust.errors import FleetTrustError
 
 if TYPE_CHECKING:
@@ -254,6 +256,9 @@ def serve(
     port: Annotated[int | None, typer.Option(envvar="FLEETTRUST_PORT",
                                              help="[default: 8080]")] = None,
     database_url: DbUrlOpt = None,
+    gateway_port: Annotated[int | None, typer.Option(
+        envvar="FLEETTRUST_GATEWAY_PORT", help="device gateway (mTLS) port [default: 8443]")]
+    = None,
     workers: Annotated[int, typer.Option(min=1, max=32)] = 1,
 ) -> None:
     """Run the API server (migrates the database; prints a first admin token on a fresh one)."""
@@ -263,7 +268,7 @@ def serve(
         from fleettrust.services.bootstrap import initialize
 
         settings = Settings.load(data_dir=data_dir, database_url=database_url, host=host,
-                                 port=port)
+                                 port=port, gateway_port=gateway_port)
         result = initialize(settings)
     out.print(f"fleettrust API listening on http://{settings.host}:{settings.port}"
               f" (data directory {escape(str(settings.data_dir))})")
@@ -887,6 +892,9 @@ def findings_list(server: ServerOpt = DEFAULT_SERVER, token: TokenOpt = None,
 # --- the device agent and the fleet simulator (their own module; commands import lazily).
 app.add_typer(agent_app, name="agent")
 app.command("simulate")(simulate)
+app.add_typer(log_app, name="log")
+device_app.command("history")(device_history)
+app.add_typer(mosquitto_app, name="mosquitto")
 
 
 def main() -> None:  # pragma: no cover

@@ -21,8 +21,9 @@ revocation (debounced), re-anchors CRLs at 2/3 of their validity, and finishes p
 revocation operations (``services.revocation.materialize_pending``) left by a crashed process.
 
 Deltas: a regeneration triggered by a change keeps the anchor, so the delta lists everything
-since the anchor; a scheduled regeneration (2/3 of the validity) makes the new complete CRL the
-anchor. A client holding any complete CRL numbered >= the anchor can apply the delta.
+since the anchor; a scheduled regeneration (2/3 of the validity), or a delta that would list
+more than half as many entries as the complete CRL (a mass revocation), makes the new complete
+CRL the anchor. A client holding any complete CRL numbered >= the anchor can apply the delta.
 
 The root's CRL is signed offline (``fleettrust ca root-crl``) and uploaded
 (:meth:`CrlPublisher.store_uploaded`); it is never regenerated here. CAs whose key the platform
@@ -266,6 +267,7 @@ class CrlPublisher:
                 select(CrlDocument).where(CrlDocument.ca_id == ca_id))}
             base = self.ctx.settings.base_url
             written = 0
+            used_anchors: set[tuple[str, int, int]] = set()
             for family in families:
                 current = everything if family == CA_LEVEL else by_shard[family]
                 scope = (crlmod.Scope(None) if family == CA_LEVEL else
@@ -278,16 +280,21 @@ class CrlPublisher:
                     freshest_url=delta_url(base, ca_id, family), cache=cache,
                 )).public_bytes(serialization.Encoding.DER)
                 anchor = docs.get((family, "anchor"))
-                if reanchor or anchor is None:
-                    anchor_no, anchor_entries = full_no, current
-                    anchor = self._put(session, docs, ca_id, family, "anchor", full_no, None,
-                                       now, next_update, full_der, log_seq, op_seq)
-                else:
+                changes: list[crlmod.CrlEntry] = []
+                if not reanchor and anchor is not None:
                     anchor_no = anchor.crl_number
                     anchor_entries = self._anchor_entries(anchor)
+                    changes = crlmod.delta_entries(anchor_entries, current, now)
+                if reanchor or anchor is None or 2 * len(changes) > max(len(current), 64):
+                    # Scheduled, first, or a delta bigger than half the base: nobody gains
+                    # from it; this complete CRL becomes the base of an empty delta.
+                    anchor_no, anchor_entries, changes = full_no, current, []
+                    anchor = self._put(session, docs, ca_id, family, "anchor", full_no, None,
+                                       now, next_update, full_der, log_seq, op_seq)
                 self._anchors[(ca_id, family, anchor_no)] = dict(anchor_entries)
+                used_anchors.add((ca_id, family, anchor_no))
                 delta_der = signer.sign_crl(crlmod.build_delta_crl(
-                    issuer, crlmod.delta_entries(anchor_entries, current, now),
+                    issuer, changes,
                     crl_number=delta_no, base_crl_number=anchor_no, this_update=now,
                     next_update=next_update, scope=scope, cache=cache,
                 )).public_bytes(serialization.Encoding.DER)
@@ -301,10 +308,10 @@ class CrlPublisher:
                 written += 2
             ca_level_full = docs[(CA_LEVEL, "full")]
             self._digests[ca_id] = (ca_level_full.crl_number, digest)
+            self._anchors = {k: v for k, v in self._anchors.items()
+                             if k[0] != ca_id or k in used_anchors}
             if reanchor:
                 cache.retain(everything.values())
-                self._anchors = {k: v for k, v in self._anchors.items()
-                                 if k[0] != ca_id or k[2] == states[k[1]].crl_number - 1}
         self._served = {k: v for k, v in self._served.items() if k[0] != ca_id}
         self.stats["published"] += 1
         self.stats["documents"] += written
