@@ -163,7 +163,9 @@ def batch(ctx: ServiceContext, factory_principal: Principal,
 _counter = iter(range(1, 10**9))
 
 
-def device_csr(key: ec.EllipticCurvePrivateKey | None = None) -> tuple[str, ec.EllipticCurvePrivateKey]:
+def device_csr(
+    key: ec.EllipticCurvePrivateKey | None = None,
+) -> tuple[str, ec.EllipticCurvePrivateKey]:
     key = key or ec.generate_private_key(ec.SECP256R1())
     csr = (x509.CertificateSigningRequestBuilder()
            .subject_name(x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "device")]))

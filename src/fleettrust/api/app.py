@@ -10,10 +10,10 @@ from __future__ import annotations
 from fastapi import FastAPI
 
 from fleettrust import __version__
-from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
 from fleettrust.api.device_admin_routes import router as device_admin_router
 from fleettrust.api.feed_routes import operator_router as feed_operator_router
 from fleettrust.api.ledger_routes import router as ledger_router
+from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
 from fleettrust.api.routes import public, router
 from fleettrust.services.context import ServiceContext
 

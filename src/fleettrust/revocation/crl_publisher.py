@@ -505,6 +505,18 @@ class CrlPublisher:
                 log.exception("publishing the CRLs of CA %s failed", ca_id)
         return n
 
+    def publish_stale(self) -> int:
+        """Publish every CA (platform key) whose CRLs are missing or stale; return how many
+        documents were written. For consumers of ``crl_documents`` (the Mosquitto bundle) that
+        need every CRL to exist now."""
+        with self.ctx.sessions() as session:
+            ca_ids = list(session.scalars(select(CertificateAuthority.id).where(
+                CertificateAuthority.key_location == "platform",
+                CertificateAuthority.key_id.is_not(None),
+                CertificateAuthority.certificate_der.is_not(None))
+                .order_by(CertificateAuthority.id)))
+        return sum(self.publish_ca(ca_id) for ca_id in ca_ids if self.stale(ca_id))
+
     def publish_due(self) -> int:
         """Regenerate every published CA whose CRLs reached 2/3 of their validity."""
         with self.ctx.sessions() as session:

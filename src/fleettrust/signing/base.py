@@ -16,7 +16,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.types import CertificateIssuerPublicKeyTypes
 
 
-class SignerAlgorithm(str, enum.Enum):
+class SignerAlgorithm(enum.StrEnum):
     """Key algorithms fleettrust creates for CAs (ECDSA only; hash follows the curve)."""
 
     EC_P256 = "ec-p256"
