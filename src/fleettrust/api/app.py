@@ -7,19 +7,31 @@ PKI endpoints (CA certificates, CRLs, OCSP), the revocation feed and the transpa
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 from fastapi import FastAPI
 
 from fleettrust import __version__
 from fleettrust.api.device_admin_routes import router as device_admin_router
 from fleettrust.api.feed_routes import operator_router as feed_operator_router
 from fleettrust.api.ledger_routes import router as ledger_router
+from fleettrust.api.ocsp_routes import OcspFastPath, ocsp_router
 from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
 from fleettrust.api.routes import public, router
 from fleettrust.services.context import ServiceContext
 
 
 def create_app(ctx: ServiceContext) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        responder = getattr(app.state, "ocsp_responder", None)
+        if responder is not None:
+            responder.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="fleettrust",
         version=__version__,
         description="Operator, factory and owner API of fleettrust.",
@@ -31,6 +43,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app.include_router(device_admin_router)
     app.include_router(ledger_router)
     app.include_router(feed_operator_router)
+    app.include_router(ocsp_router)
     bulk_limit = ctx.settings.max_bulk_body_bytes
 
     def limit_for(path: str) -> int | None:
@@ -39,6 +52,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
 
     # Added last = runs first: the size limit applies before anything reads the body.
     app.add_middleware(JsonBodyMiddleware, prefix="/v1/")
-    app.add_middleware(BodyLimitMiddleware, default_limit=ctx.settings.max_body_bytes,
-                       limit_for=limit_for)
+    app.add_middleware(
+        BodyLimitMiddleware, default_limit=ctx.settings.max_body_bytes, limit_for=limit_for
+    )
+    # Outermost: answers repeated OCSP requests from the responder's cache before routing.
+    app.add_middleware(OcspFastPath)
     return app
