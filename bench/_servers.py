@@ -13,8 +13,11 @@ as separate processes (the gateway with N worker processes on one listening sock
   ``uvicorn.Server.serve(sockets=[...])`` on the inherited socket (the kernel spreads accepted
   connections over the processes). Used until ``fleettrust serve --workers N --gateway-port P``
   exists; :func:`gateway_command` prefers that command when it does.
-* :func:`serve_openssl` — ``openssl s_server -www`` with the gateway's server certificate and key
-  and the gateway's client-CA bundle, client certificates required (``-Verify``), no tickets.
+* :func:`serve_canned` — a trivial mTLS server answering every check-in with a fixed answer:
+  what the simulator alone can generate (its ceiling on this machine).
+* :func:`serve_openssl` — ``openssl s_server -HTTP`` with the gateway's server certificate and
+  key and the gateway's client-CA bundle, client certificates required (``-Verify 5``), no
+  tickets, answering ``GET /healthz`` with the same 15-byte JSON as the gateway.
 
 Every server is a child process started here and stopped by its pid (:class:`Proc`).
 
@@ -324,23 +327,29 @@ def serve_gateway(fleet: Fleet, *, workers: int, port: int | None = None,
 
 
 def serve_openssl(fleet: Fleet, *, port: int | None = None, tickets: bool = False) -> Proc:
-    """``openssl s_server -www`` with the gateway's own certificate, key and client-CA bundle,
-    requiring a client certificate (``-Verify 5``: chain depth up to 5). Start the gateway
-    once before (it writes the credential files)."""
+    """``openssl s_server -HTTP`` (``GET /healthz`` answered from a file) with the gateway's
+    own certificate, key and client-CA bundle, requiring a client certificate (``-Verify 5``:
+    chain depth up to 5). Start the gateway once before (it writes the credential files)."""
     gw_dir = fleet.data_dir / "gateway"
     cred = json.loads((gw_dir / "bench-credential.json").read_text())
     port = port or free_port()
     args = ["openssl", "s_server", "-accept", f"127.0.0.1:{port}",
             "-cert", cred["cert_chain_path"], "-key", cred["key_path"],
             "-pass", "env:FLEETTRUST_KEYSTORE_PASSPHRASE",
-            "-CAfile", cred["client_ca_path"], "-Verify", "5", "-www", "-quiet"]
+            "-CAfile", cred["client_ca_path"], "-Verify", "5", "-HTTP", "-quiet"]
     if not tickets:
         args.append("-no_ticket")
     # s_server prints its verify callback for every connection even with -quiet, and an
     # error line for some: never let it block on a full pipe
+    # -HTTP serves ./healthz (status line and headers included): the same tiny answer as the
+    # gateway's GET /healthz
+    www = fleet.base / "s_server-www"
+    www.mkdir(exist_ok=True)
+    (www / "healthz").write_bytes(b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n"
+                                  b"content-length: 15\r\n\r\n{\"status\":\"ok\"}")
     log = fleet.base / "openssl-s_server.log"
     with log.open("w") as err_file:
-        popen = subprocess.Popen(args, env=bench_env(), stdin=subprocess.DEVNULL,
+        popen = subprocess.Popen(args, env=bench_env(), stdin=subprocess.DEVNULL, cwd=www,
                                  stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
@@ -352,6 +361,13 @@ def serve_openssl(fleet: Fleet, *, port: int | None = None, tickets: bool = Fals
         time.sleep(0.05)
     popen.kill()
     raise RuntimeError("openssl s_server did not start")
+
+
+def serve_canned(fleet: Fleet) -> Proc:
+    """A trivial asyncio mTLS server (the gateway's credential, client certificates verified)
+    answering every request with a fixed check-in answer: the simulator's own ceiling."""
+    meta = fleet.base / "fleet.json"
+    return _spawn("canned check-in server", ["canned", "--fleet", str(meta)])
 
 
 @contextlib.contextmanager
@@ -491,6 +507,54 @@ def _gateway_worker(fleet: Fleet, sock: socket.socket, port: int, ready_fd: int)
     asyncio.run(main())
 
 
+def _run_canned(fleet: Fleet) -> None:
+    import ssl
+
+    cred = json.loads((fleet.data_dir / "gateway" / "bench-credential.json").read_text())
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cred["cert_chain_path"], cred["key_path"],
+                            password=KEYSTORE_PASSPHRASE.encode())
+    context.load_verify_locations(cred["client_ca_path"])
+    context.verify_mode = ssl.CERT_REQUIRED
+    body = json.dumps({"device_id": "d-canned", "status": "active",
+                       "server_time": "2026-01-01T00:00:00Z", "next_checkin_s": 300,
+                       "renew": False, "actions": []}).encode()
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+    class Canned(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            assert isinstance(transport, asyncio.Transport)
+            self.transport = transport
+            self.buffer = b""
+
+        def data_received(self, data: bytes) -> None:
+            self.buffer += data
+            while True:
+                end = self.buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    return
+                length = 0
+                for line in self.buffer[:end].split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                if len(self.buffer) < end + 4 + length:
+                    return
+                self.buffer = self.buffer[end + 4 + length:]
+                self.transport.write(answer)
+
+    async def main() -> None:
+        port = free_port()
+        server = await asyncio.get_running_loop().create_server(
+            Canned, "127.0.0.1", port, ssl=context)
+        _ready(port=port, url=f"https://127.0.0.1:{port}")
+        await server.serve_forever()
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(main())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -501,7 +565,9 @@ def main(argv: list[str] | None = None) -> None:
     gw.add_argument("--fleet", type=Path)
     gw.add_argument("--workers", type=int, default=2)
     gw.add_argument("--port", type=int, default=0)
-    for p in (api, gw):
+    canned = sub.add_parser("canned", help="fixed-answer mTLS server (simulator ceiling)")
+    canned.add_argument("--fleet", type=Path)
+    for p in (api, gw, canned):
         p.add_argument("--db", choices=("sqlite", "postgresql"), default="sqlite",
                        help="prepare (or reuse) this fleet when --fleet is not given")
     args = parser.parse_args(argv)
@@ -509,6 +575,9 @@ def main(argv: list[str] | None = None) -> None:
     fleet = load_fleet(args.fleet) if args.fleet else prepare_fleet(args.db)
     if args.what == "api":
         _run_api(fleet)
+    elif args.what == "canned":
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        _run_canned(fleet)
     else:
         _run_gateway(fleet, args.workers, args.port)
 

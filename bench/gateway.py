@@ -10,10 +10,11 @@ Per database (SQLite, PostgreSQL), on loopback, in one run:
    ``openssl s_time -new`` processes (each with its own device certificate and key; TLS 1.3;
    every connection a full handshake with client-certificate verification) for
    ``--tls-seconds``, requesting ``GET /healthz`` (HTTP/1.0: one request per connection) from
-   the gateway and ``GET /`` from ``openssl s_server -www -Verify 5 -no_ticket`` started with
-   the gateway's own certificate, key and client-CA bundle. Ratio = gateway / s_server, for a
-   gateway with ONE worker process (per core, like the single-process s_server) and with
-   ``--workers``. Connections are counted by s_time, time by our wall clock.
+   the gateway and from ``openssl s_server -HTTP -Verify 5 -no_ticket`` (same 15-byte answer,
+   from a file) started with the gateway's own certificate, key and client-CA bundle.
+   Ratio = gateway / s_server, for a gateway with ONE worker process (per core, like the
+   single-process s_server) and with ``--workers``. Connections are counted by s_time, time
+   by our wall clock.
 2. **(b) Resumed handshakes/s** — the same clients with ``s_time -reuse`` (session resumption;
    the share actually resumed is counted from s_time's ``r`` marks), plus the simulator's
    ``resume`` mode (a new connection per real check-in, offering the previous session).
@@ -102,8 +103,10 @@ def device_credentials(fleet: _servers.Fleet, count: int) -> list[tuple[Path, Pa
 
 
 def s_time(port: int, creds: list[tuple[Path, Path]], *, mode: str, seconds: float,
-           path: str) -> dict[str, Any]:
-    """Parallel ``openssl s_time`` clients; connections/s by our wall clock."""
+           path: str, server_pids: list[int] | None = None) -> dict[str, Any]:
+    """Parallel ``openssl s_time`` clients; connections/s by our wall clock, and per second of
+    server CPU time when ``server_pids`` are given (capacity, independent of idle waits)."""
+    cpu_before = cpu_seconds(server_pids) if server_pids else 0.0
     procs = []
     started = time.perf_counter()
     for cert, key in creds:
@@ -123,8 +126,12 @@ def s_time(port: int, creds: list[tuple[Path, Path]], *, mode: str, seconds: flo
         marks = out.split("Collecting connection statistics", 1)[-1]
         resumed += marks.count("r")
     wall = time.perf_counter() - started
+    server_cpu = cpu_seconds(server_pids) - cpu_before if server_pids else None
     return {"connections": connections, "seconds": round(wall, 2),
             "per_s": round(connections / wall, 1) if wall > 0 else 0.0,
+            "server_cpu_s": None if server_cpu is None else round(server_cpu, 2),
+            "per_server_cpu_s": (round(connections / server_cpu, 1)
+                                 if server_cpu else None),
             "resumed_share": round(resumed / connections, 3) if connections else None,
             "errors": errors}
 
@@ -224,35 +231,47 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
     gw1 = _servers.serve_gateway(fleet, workers=1)
     try:
         handshakes["gateway_1_worker"] = s_time(gw1.port, creds, mode="-new",
-                                                seconds=args.tls_seconds, path="/healthz")
+                                                seconds=args.tls_seconds, path="/healthz",
+                                                server_pids=list(gw1.info["workers"]))
+        window1 = CpuWindow(list(gw1.info["workers"]))
+        keep1 = simulate(fleet, gw1.info["url"], args, mode="keepalive", devices=args.active,
+                         seconds=args.sim_seconds, warmup=True, on_progress=window1)
+        keep1_cpu = window1.per_checkin_ms(keep1.checkins_ok + keep1.checkins_failed)
     finally:
         gw1.stop()
     openssl = _servers.serve_openssl(fleet)
     try:
         handshakes["openssl_s_server"] = s_time(openssl.port, creds, mode="-new",
-                                                seconds=args.tls_seconds, path="/")
+                                                seconds=args.tls_seconds, path="/healthz",
+                                                server_pids=[openssl.popen.pid])
     finally:
         openssl.stop()
     gw = _servers.serve_gateway(fleet, workers=args.workers)
     try:
         handshakes[f"gateway_{args.workers}_workers"] = s_time(
-            gw.port, creds, mode="-new", seconds=args.tls_seconds, path="/healthz")
+            gw.port, creds, mode="-new", seconds=args.tls_seconds, path="/healthz",
+            server_pids=list(gw.info["workers"]))
         reference = handshakes["openssl_s_server"]["per_s"] or float("nan")
         handshakes["ratio_1_worker"] = round(
             handshakes["gateway_1_worker"]["per_s"] / reference, 3)
         handshakes[f"ratio_{args.workers}_workers"] = round(
             handshakes[f"gateway_{args.workers}_workers"]["per_s"] / reference, 3)
+        per_cpu = handshakes["openssl_s_server"]["per_server_cpu_s"] or float("nan")
+        handshakes["ratio_per_server_cpu_s"] = round(
+            (handshakes["gateway_1_worker"]["per_server_cpu_s"] or 0.0) / per_cpu, 3)
         result["full_handshakes"] = handshakes
         log("(a) full mTLS handshakes/s (openssl s_time -new x"
             f"{len(creds)}, {args.tls_seconds:g} s each):")
         for name in ("gateway_1_worker", f"gateway_{args.workers}_workers",
                      "openssl_s_server"):
             h = handshakes[name]
-            log(f"    {name:22s} {h['per_s']:8.1f}/s  ({h['connections']} in {h['seconds']} s)"
+            log(f"    {name:22s} {h['per_s']:8.1f}/s  ({h['connections']} in {h['seconds']} s; "
+                f"{h['per_server_cpu_s']} per second of server CPU)"
                 + (f"  errors: {h['errors']}" if h["errors"] else ""))
         log(f"    ratio gateway/s_server: 1 worker {handshakes['ratio_1_worker']:.3f}, "
             f"{args.workers} workers {handshakes[f'ratio_{args.workers}_workers']:.3f} "
-            "(goal >= 0.8)")
+            "(goal >= 0.8); per second of server CPU, 1 worker: "
+            f"{handshakes['ratio_per_server_cpu_s']:.3f}")
 
         # (b) resumption
         resumption: dict[str, Any] = {
@@ -292,21 +311,34 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
             spy.wait(timeout=args.sim_seconds + 60)
     finally:
         gw.stop()
-    result["keepalive"] = {
-        "checkins_per_s": keep.checkins_per_s, "p50_ms": keep.latency_ms["p50"],
-        "p99_ms": keep.latency_ms["p99"], "checkins": keep.checkins_ok,
-        "errors": keep.errors, "new_connections": keep.connections,
-        "server_cpu_ms_per_checkin": server_cpu_ms,
-        "client_cpu_ms_per_checkin": keep.cpu_ms_per_checkin,
-        "active_devices": args.active, "concurrency": args.concurrency,
-        "gateway_workers": args.workers, "simulator_processes": keep.processes}
-    k = result["keepalive"]
+    canned = _servers.serve_canned(fleet)
+    try:
+        ceiling = simulate(fleet, canned.info["url"], args, mode="keepalive",
+                           devices=args.concurrency, seconds=min(args.sim_seconds, 4.0),
+                           warmup=True)
+    finally:
+        canned.stop()
+    result["simulator_ceiling"] = {"checkins_per_s": ceiling.checkins_per_s,
+                                   "cpu_ms_per_checkin": ceiling.cpu_ms_per_checkin,
+                                   "processes": ceiling.processes}
     log(f"(c) kept-alive check-ins ({args.active} devices, concurrency {args.concurrency}, "
-        f"{args.workers} gateway workers, {keep.processes} simulator process(es)):")
-    log(f"    {k['checkins_per_s']:.1f} check-ins/s  p50 {k['p50_ms']} ms  p99 {k['p99_ms']} ms"
-        f"  errors {k['errors'] or 0}  (goal >= 3000/s)")
-    log(f"    CPU per check-in: gateway {k['server_cpu_ms_per_checkin']} ms (all workers), "
-        f"simulator {k['client_cpu_ms_per_checkin']} ms")
+        f"{keep.processes} simulator process(es), warm connections; goal >= 3000/s):")
+    log(f"    simulator alone (fixed-answer mTLS server): {ceiling.checkins_per_s:8.1f} "
+        f"check-ins/s, {ceiling.cpu_ms_per_checkin} ms CPU each, "
+        f"{ceiling.processes} process(es)")
+    result["keepalive"] = {}
+    for workers_n, rep, cpu_ms in ((1, keep1, keep1_cpu), (args.workers, keep, server_cpu_ms)):
+        k = {"checkins_per_s": rep.checkins_per_s, "p50_ms": rep.latency_ms["p50"],
+             "p99_ms": rep.latency_ms["p99"], "checkins": rep.checkins_ok,
+             "errors": rep.errors, "new_connections": rep.connections,
+             "server_cpu_ms_per_checkin": cpu_ms,
+             "client_cpu_ms_per_checkin": rep.cpu_ms_per_checkin,
+             "active_devices": args.active, "concurrency": args.concurrency,
+             "gateway_workers": workers_n, "simulator_processes": rep.processes}
+        result["keepalive"][f"gateway_{workers_n}_workers"] = k
+        log(f"    gateway x{workers_n}: {k['checkins_per_s']:8.1f} check-ins/s  "
+            f"p50 {k['p50_ms']} ms  p99 {k['p99_ms']} ms  errors {k['errors'] or 0}  "
+            f"CPU/check-in: gateway {cpu_ms} ms, simulator {rep.cpu_ms_per_checkin} ms")
     if args.profile and PROFILE.exists():
         lines = summarize_profile(PROFILE)
         result["profile_top"] = lines
@@ -328,7 +360,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="gateway worker processes")
     parser.add_argument("--concurrency", type=int, default=128)
     parser.add_argument("--sim-processes", type=int, default=1)
-    parser.add_argument("--clients", type=int, default=4, help="parallel s_time clients")
+    parser.add_argument("--clients", type=int, default=8, help="parallel s_time clients")
     parser.add_argument("--tls-seconds", type=float, default=5.0)
     parser.add_argument("--sim-seconds", type=float, default=8.0)
     parser.add_argument("--base", type=Path, default=_servers.DEFAULT_BASE)

@@ -17,6 +17,7 @@ agent's own Typer app (the same commands) otherwise.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -77,10 +78,8 @@ def _child(request: dict[str, object]) -> None:  # never returns
         code = run_cli([str(a) for a in args])
     finally:
         for stream in (sys.stdout, sys.stderr):
-            try:
+            with contextlib.suppress(Exception):  # exiting anyway
                 stream.flush()
-            except Exception:  # noqa: BLE001, S110  # exiting anyway
-                pass
         os._exit(code)
 
 

@@ -104,7 +104,8 @@ class Zygote:
     def start(self, args: list[str], out: Path, err: Path) -> int:
         """Fork an agent running ``args``; its stdout/stderr go to ``out``/``err``."""
         assert not self.pending, "one agent at a time"
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.write(json.dumps({"args": args, "out": str(out), "err": str(err)}) + "\n")
         self.proc.stdin.flush()
         self.pending = True
@@ -112,7 +113,8 @@ class Zygote:
 
     def wait(self, timeout: float | None) -> int | None:
         """The raw wait status of the running agent, or None if it is still running."""
-        assert self.pending and self.proc.stdout is not None
+        assert self.pending
+        assert self.proc.stdout is not None
         if timeout is not None:
             ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
             if not ready:
@@ -124,7 +126,8 @@ class Zygote:
         return int(line)
 
     def close(self) -> None:
-        assert self.proc.stdin is not None and self.proc.stdout is not None
+        assert self.proc.stdin is not None
+        assert self.proc.stdout is not None
         self.proc.stdin.close()
         try:
             self.proc.wait(10)

@@ -34,7 +34,7 @@ def _certificates(stack: Stack, device_id: str) -> dict[str, str]:
     with stack.ctx.sessions() as s:
         rows = s.execute(select(Certificate.serial_hex, Certificate.status)
                          .where(Certificate.device_id == device_id)).all()
-    return {serial: status for serial, status in rows}
+    return dict(rows)
 
 
 def test_enroll_check_in_and_reboot(stack: Stack, tmp_path: Path) -> None:
@@ -58,7 +58,8 @@ def test_enroll_check_in_and_reboot(stack: Stack, tmp_path: Path) -> None:
     assert device.boot_counter == 1
     assert device.agent_generation is not None
     assert device.last_remote_addr == "127.0.0.1"
-    assert device.firmware_version and device.firmware_version.startswith("fleettrust-agent-")
+    assert device.firmware_version
+    assert device.firmware_version.startswith("fleettrust-agent-")
     assert device.last_seen_at is not None
     first_seen = device.last_seen_at
 
@@ -69,8 +70,10 @@ def test_enroll_check_in_and_reboot(stack: Stack, tmp_path: Path) -> None:
     device = _device(stack, device_id)
     assert device.checkin_count == 2
     assert device.boot_counter == 2, "the server must record the new boot counter"
-    assert device.last_seen_at is not None and device.last_seen_at >= first_seen
-    assert device.agent_generation is not None and device.agent_generation < state["generation"]
+    assert device.last_seen_at is not None
+    assert device.last_seen_at >= first_seen
+    assert device.agent_generation is not None
+    assert device.agent_generation < state["generation"]
     assert StateStore(state_dir).load().state.device_id == device_id
 
 
@@ -168,17 +171,21 @@ def test_simulator_against_the_real_gateway(stack: Stack, tmp_path: Path) -> Non
         seen = s.scalar(select(Device.id).where(Device.batch_id == stack.batch_id,
                                                 Device.last_seen_at.is_(None)).limit(1))
     assert total == report.checkins_ok, "every successful check-in is recorded exactly once"
-    assert recorded is not None and recorded >= 1
+    assert recorded is not None
+    assert recorded >= 1
     assert seen is None, "every device checked in"
 
     # The same devices again: a new full mTLS handshake per check-in, then resumed sessions,
     # then kept alive through httpx (the agent's HTTP client) instead of the lean client.
+    if "sqlite" not in stack.ctx.settings.database_url:
+        return  # the client side does not depend on the database: once is enough
     for mode, client in (("handshake", "lean"), ("resume", "lean"), ("keepalive", "httpx")):
         again = run_simulation(SimulationConfig(
             devices=50, gateway=stack.gateway.url, duration_s=5.0, concurrency=8,
             state_root=root, mode=mode, max_checkins=100, seed=8,  # type: ignore[arg-type]
             client=client))  # type: ignore[arg-type]
-        assert again.devices_reused == 50 and again.devices_enrolled == 0
+        assert again.devices_reused == 50
+        assert again.devices_enrolled == 0
         assert again.errors == {}, (mode, again.errors)
         assert again.checkins_ok == 100
         if mode == "keepalive":

@@ -79,7 +79,8 @@ def _run_and_kill(stack: Stack, args: list[str], marker: tuple[str, bytes], dela
     if os.WIFEXITED(status):  # it finished between the timeout and the kill
         assert os.WEXITSTATUS(status) == 0, err.read_text()
         return "exited", elapsed
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, status
+    assert os.WIFSIGNALED(status), status
+    assert os.WTERMSIG(status) == signal.SIGKILL, status
     return "killed", elapsed
 
 
@@ -101,7 +102,8 @@ def _check_identity(identity: Identity) -> None:
         assert public_key_matches(identity.certificate.public_key(), identity.key.public_key())
         assert format(identity.certificate.serial_number, "x") == state.certificate_serial
     assert isinstance(identity.key, FileDeviceKey)
-    assert identity.key_path is not None and identity.key_path.stat().st_mode & 0o777 == 0o600
+    assert identity.key_path is not None
+    assert identity.key_path.stat().st_mode & 0o777 == 0o600
 
 
 def _serials_of(stack: Stack, device_id: str) -> set[str]:
@@ -113,8 +115,12 @@ def _serials_of(stack: Stack, device_id: str) -> set[str]:
 def test_sigkill_during_enrollment(stack: Stack, tmp_path: Path) -> None:
     rng = random.Random(SEED)
     markers = [READY, ("stdout", b"enrollment request written")]
-    windows = [_calibrate(stack, lambda n, m=m: stack.enroll_args(tmp_path / f"cal-{m[1]!r}-{n}"),
-                          m) for m in markers]
+    windows = []
+    for which, marker in enumerate(markers):
+        def calibration_args(n: int, which: int = which) -> list[str]:
+            return stack.enroll_args(tmp_path / f"calibration-{which}-{n}")
+
+        windows.append(_calibrate(stack, calibration_args, marker))
     outcomes: Counter[str] = Counter()
     kills: Counter[str] = Counter()
     recovered_with_new_key = 0
@@ -148,7 +154,7 @@ def test_sigkill_during_enrollment(stack: Stack, tmp_path: Path) -> None:
         except EnrollmentError as exc:
             # The server had certified this key but the agent died before installing the
             # answer: the key is burnt (key_reused), a new identity is needed.
-            assert "key_reused" in exc.message, exc.message
+            assert "key_reused" in exc.message, exc.message  # noqa: PT017
             recovered_with_new_key += 1
             request = enroll(state_dir, manifest=manifest, manifest_override_file=manifest_file,
                              gateway_url=stack.gateway.url, force=True)

@@ -9,7 +9,6 @@ connected and keeps receiving.
 from __future__ import annotations
 
 import datetime as dt
-import importlib.util
 import json
 import subprocess
 import time
@@ -23,6 +22,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from sqlalchemy import select
 
 from fleettrust.revocation import mosquitto as mq
+from fleettrust.revocation.crl_publisher import CrlPublisher
 from fleettrust.revocation.mqtt import RevocationPublisher, topic
 from fleettrust.services import revocation as rev
 from fleettrust.services.auth import Principal
@@ -41,15 +41,9 @@ def db_url(tmp_path: Path) -> str:
 
 
 def crl_source(ctx: ServiceContext) -> tuple[list[bytes], set[str]]:
-    """The core's published CRLs when its CRL module exists; else a minimal full CRL per CA
-    built here (stand-in so this test does not depend on the order helpers land)."""
-    if importlib.util.find_spec("fleettrust.revocation.crl_publisher") is None:
-        with ctx.sessions() as s:
-            seq = int(s.scalar(select(Revocation.seq).order_by(Revocation.seq.desc())) or 0)
-        if seq not in _standin_cache:
-            _standin_cache.clear()
-            _standin_cache[seq] = _standin_crls(ctx)
-        return _standin_cache[seq]
+    """The core's CRLs, regenerated now where stale (the server's publisher does this on every
+    revocation; the test has no running publisher)."""
+    CrlPublisher(ctx).publish_stale()
     return mq.stored_crls(ctx)
 
 
@@ -142,6 +136,8 @@ def test_revoked_device_is_kicked_and_cannot_reconnect(
             sync.start()
             publisher.start()
             assert wait_until(publisher.is_leader.is_set, 5)
+            # a new leader starts at the database head: wait until it has read it
+            assert wait_until(lambda: publisher.published_seq >= 0, 5)
             t0 = time.monotonic()
             rev.revoke_device(ctx, admin, bad.device_id, "keyCompromise")
             # the connected mosquitto_sub of the revoked device is disconnected...
@@ -161,7 +157,7 @@ def test_revoked_device_is_kicked_and_cannot_reconnect(
             assert "certificate revoked" in v.stdout + v.stderr  # the reason the broker uses
             # the other device is unaffected: still connected, it received the revocation
             assert subs["good"].proc.poll() is None
-            assert wait_until(lambda: bad.serial in subs["good"].text(), 5)
+            assert wait_until(lambda: bad.serial in subs["good"].text(), 5), subs["good"].text()
             line = next(ln for ln in subs["good"].text().splitlines()
                         if ln.startswith(topic("v1") + " "))
             page = json.loads(line.split(" ", 1)[1])

@@ -7,17 +7,20 @@ PKI endpoints (CA certificates, CRLs, OCSP), the revocation feed and the transpa
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI
 
 from fleettrust import __version__
+from fleettrust.api import crl_routes
 from fleettrust.api.device_admin_routes import router as device_admin_router
 from fleettrust.api.feed_routes import operator_router as feed_operator_router
 from fleettrust.api.ledger_routes import router as ledger_router
 from fleettrust.api.ocsp_routes import OcspFastPath, ocsp_router
 from fleettrust.api.problems import BodyLimitMiddleware, JsonBodyMiddleware, install_error_handlers
+from fleettrust.api.revocation_routes import router as revocation_router
 from fleettrust.api.routes import public, router
 from fleettrust.services.context import ServiceContext
 
@@ -25,7 +28,15 @@ from fleettrust.services.context import ServiceContext
 def create_app(ctx: ServiceContext) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        yield
+        # The revocation index (followed every 100 ms) and the CRL publisher it drives; the
+        # OCSP responder subscribes to the same index.
+        tasks = await crl_routes.start_publisher(app, ctx)
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
         responder = getattr(app.state, "ocsp_responder", None)
         if responder is not None:
             responder.close()
@@ -44,6 +55,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app.include_router(ledger_router)
     app.include_router(feed_operator_router)
     app.include_router(ocsp_router)
+    app.include_router(crl_routes.public_router)
+    app.include_router(crl_routes.admin_router)
+    app.include_router(revocation_router)
     bulk_limit = ctx.settings.max_bulk_body_bytes
 
     def limit_for(path: str) -> int | None:

@@ -371,6 +371,10 @@ def create_gateway_app(
             "expires_at": tok.expires_at.isoformat(),
         }
 
+    # The device revocation feed (since=N, snapshot, server-sent events) for devices.
+    from fleettrust.api.feed_routes import gateway_router
+
+    app.include_router(gateway_router)
     return app
 
 

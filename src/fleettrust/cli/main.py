@@ -28,6 +28,7 @@ from fleettrust import __version__
 from fleettrust.cli.agent import agent_app, simulate
 from fleettrust.cli.log import device_history, log_app
 from fleettrust.cli.mosquitto import mosquitto_app
+from fleettrust.cli.revoke import ca_root_crl, revoke_app
 from fleettrust.errors import FleetTrustError
 
 if TYPE_CHECKING:
@@ -895,6 +896,8 @@ app.command("simulate")(simulate)
 app.add_typer(log_app, name="log")
 device_app.command("history")(device_history)
 app.add_typer(mosquitto_app, name="mosquitto")
+app.add_typer(revoke_app, name="revoke")
+ca_app.command("root-crl")(ca_root_crl)
 
 
 def main() -> None:  # pragma: no cover

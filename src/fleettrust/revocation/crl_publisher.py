@@ -48,12 +48,13 @@ from typing import Final
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from sqlalchemy import func, select
+from sqlalchemy import bindparam, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from fleettrust.errors import ConflictError, NotFoundError, ValidationError
 from fleettrust.revocation import crl as crlmod
+from fleettrust.revocation import rawread
 from fleettrust.revocation.index import RevocationEvent, RevocationIndex, RevocationRule
 from fleettrust.revocation.models import CrlDocument, RevocationOperation
 from fleettrust.services import revocation as revsvc
@@ -130,8 +131,8 @@ class CrlPublisher:
         self._caches: dict[str, crlmod.EntryCache] = {}
         self._anchors: dict[tuple[str, int, int], dict[int, crlmod.CrlEntry]] = {}
         self._served: dict[tuple[str, int, str], tuple[float, PublishedCrl]] = {}
-        self._checked: dict[str, float] = {}
         self._digests: dict[str, tuple[int, int]] = {}  # CA -> (CA-level number, entries hash)
+        self._seen: dict[str, tuple[int, int]] = {}  # CA -> (log seq, op seq) known covered
         self._lock = threading.Lock()  # one publication at a time in this process
         self._dirty: set[str] = set()
         self._dirty_lock = threading.Lock()
@@ -148,7 +149,7 @@ class CrlPublisher:
         key = (ca_id, shard, kind)
         now_m = time.monotonic()
         cached = self._served.get(key)
-        if cached is not None and now_m - self._checked.get(ca_id, 0.0) < self.recheck_s:
+        if cached is not None and now_m - cached[0] < self.recheck_s:
             return cached[1]
         ca = self._issuing_ca(ca_id)
         if shard != CA_LEVEL and not 0 <= shard < self.ctx.settings.crl_shards:
@@ -164,15 +165,19 @@ class CrlPublisher:
                     "no root CRL uploaded yet: sign one with `fleettrust ca root-crl` and upload"
                     " it (POST /v1/crl/root)", code="crl_not_published")
         else:
-            if self.stale(ca_id):
-                self.publish_ca(ca_id)
+            # When this process is publishing right now, answer with the stored CRL rather
+            # than queue behind it (it is replaced within the publication time).
+            if self.stale(ca_id) and self._lock.acquire(blocking=False):
+                try:
+                    self._publish_ca(ca_id, force=False)
+                finally:
+                    self._lock.release()
             doc = self._stored(ca_id, shard, kind)
             if doc is None:  # never published (raced with nothing to do): publish now
                 self.publish_ca(ca_id, force=True)
                 doc = self._stored(ca_id, shard, kind)
                 assert doc is not None
-        self._checked[ca_id] = time.monotonic()
-        self._served[key] = (now_m, doc)
+        self._served[key] = (time.monotonic(), doc)
         return doc
 
     def _issuing_ca(self, ca_id: str) -> CertificateAuthority:
@@ -187,30 +192,59 @@ class CrlPublisher:
         return ca
 
     def _stored(self, ca_id: str, shard: int, kind: str) -> PublishedCrl | None:
-        with self.ctx.sessions() as session:
-            row = session.scalars(select(CrlDocument).where(
-                CrlDocument.ca_id == ca_id, CrlDocument.shard == shard,
-                CrlDocument.kind == kind)).first()
-            return _doc(row) if row is not None else None
+        rows = rawread.fetch(self.ctx, select(
+            CrlDocument.crl_number, CrlDocument.this_update, CrlDocument.next_update,
+            CrlDocument.der).where(CrlDocument.ca_id == bindparam("ca"),
+                                   CrlDocument.shard == bindparam("shard"),
+                                   CrlDocument.kind == bindparam("kind")),
+            {"ca": ca_id, "shard": shard, "kind": kind})
+        if not rows:
+            return None
+        number, this_update, next_update, der = rows[0]
+        return PublishedCrl(ca_id, shard, kind, int(number), _aware(this_update),
+                            _aware(next_update), bytes(der))
 
     def stale(self, ca_id: str) -> bool:
-        """Does ``ca_id`` need a new publication (newer revocations / operations, or 2/3 of the
-        validity gone)? Two indexed ``max()`` queries."""
-        with self.ctx.sessions() as session:
-            head = session.execute(select(CrlDocument.log_seq, CrlDocument.op_seq,
-                                          CrlDocument.this_update, CrlDocument.next_update)
-                                   .where(CrlDocument.ca_id == ca_id,
-                                          CrlDocument.shard == CA_LEVEL,
-                                          CrlDocument.kind == "full")).first()
-            if head is None:
-                return True
-            log_seq, op_seq, this_update, next_update = head
-            if self._due(this_update, next_update):
-                return True
-            newest = session.scalar(select(func.max(Revocation.seq))
-                                    .where(Revocation.ca_id == ca_id)) or 0
-            newest_op = session.scalar(select(func.max(RevocationOperation.seq))) or 0
-            return bool(newest > log_seq or newest_op > op_seq)
+        """Does ``ca_id`` need a new publication? Yes when its CRLs are missing, 2/3 of their
+        validity is gone, an operation decided since is still being written (its rule may
+        cover this CA), or this CA has ``revocations`` rows of an operation decided since.
+
+        Rows written later for an operation the CRLs already reflect (a large operation,
+        published from its rule) change nothing; this process remembers how far it checked,
+        so the check stays a few indexed lookups. Reads never wait for a writer (``rawread``).
+        """
+        head = rawread.fetch(self.ctx, select(
+            CrlDocument.log_seq, CrlDocument.op_seq, CrlDocument.this_update,
+            CrlDocument.next_update).where(CrlDocument.ca_id == bindparam("ca"),
+                                           CrlDocument.shard == CA_LEVEL,
+                                           CrlDocument.kind == "full"), {"ca": ca_id})
+        if not head:
+            return True
+        log_seq, op_seq, this_update, next_update = head[0]
+        if self._due(_aware(this_update), _aware(next_update)):
+            return True
+        seen_log, seen_op = self._seen.get(ca_id, (0, 0))
+        log_seq, op_seq = max(int(log_seq), seen_log), max(int(op_seq), seen_op)
+        (newest,), = rawread.fetch(self.ctx, select(func.coalesce(func.max(Revocation.seq), 0))
+                                   .where(Revocation.ca_id == bindparam("ca")), {"ca": ca_id})
+        (newest_op,), = rawread.fetch(
+            self.ctx, select(func.coalesce(func.max(RevocationOperation.seq), 0)))
+        if newest <= log_seq and newest_op <= op_seq:
+            return False
+        pending_new = rawread.fetch(self.ctx, select(RevocationOperation.seq).where(
+            RevocationOperation.seq > bindparam("op"),
+            RevocationOperation.state == "pending").limit(1), {"op": op_seq})
+        rows_of_new_ops = rawread.fetch(self.ctx, select(Revocation.seq)
+                                        .join(RevocationOperation,
+                                              RevocationOperation.id == Revocation.operation_id)
+                                        .where(Revocation.ca_id == bindparam("ca"),
+                                               Revocation.seq > bindparam("log"),
+                                               RevocationOperation.seq > bindparam("op"))
+                                        .limit(1), {"ca": ca_id, "log": log_seq, "op": op_seq})
+        if pending_new or rows_of_new_ops:
+            return True
+        self._seen[ca_id] = (int(newest), int(newest_op))
+        return False
 
     def _due(self, this_update: dt.datetime, next_update: dt.datetime) -> bool:
         return self.ctx.clock.now() >= this_update + (next_update - this_update) * REFRESH_AT
@@ -561,6 +595,13 @@ class CrlPublisher:
                     await asyncio.to_thread(self.publish_due)
             except Exception:
                 log.exception("CRL publisher iteration failed; retrying")
+
+
+def _aware(value: object) -> dt.datetime:
+    """A driver timestamp (SQLite: UTC text without zone) as an aware UTC datetime."""
+    parsed = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    assert isinstance(parsed, dt.datetime)
+    return parsed.replace(tzinfo=dt.UTC) if parsed.tzinfo is None else parsed.astimezone(dt.UTC)
 
 
 def max_age(doc: PublishedCrl, now: dt.datetime) -> int:

@@ -36,6 +36,7 @@ from typing import Any, Final
 
 from sqlalchemy import BigInteger, Integer, bindparam, func, select
 
+from fleettrust.revocation import rawread
 from fleettrust.revocation.models import RevocationOperation
 from fleettrust.services.context import ServiceContext
 from fleettrust.storage.models import Revocation
@@ -247,24 +248,8 @@ class RevocationIndex:
         return new_rules
 
     def _fetch(self, stmt: Any, params: dict[str, Any]) -> list[Any]:
-        """Run ``stmt`` on the driver's cursor, outside any SQLAlchemy transaction: on SQLite,
-        fleettrust's sessions begin with ``BEGIN IMMEDIATE`` and would wait for a writer; a
-        bare read in WAL mode never does."""
-        compiled = stmt.compile(dialect=self._ctx.engine.dialect)
-        values = compiled.construct_params(params)
-        order = compiled.positiontup
-        args = tuple(values[n] for n in order) if order is not None else values
-        with self._ctx.engine.connect() as conn:
-            dbapi = conn.connection.dbapi_connection
-            assert dbapi is not None
-            cursor = dbapi.cursor()
-            try:
-                cursor.execute(str(compiled), args)
-                rows: list[Any] = list(cursor.fetchall())
-            finally:
-                cursor.close()
-            conn.rollback()
-        return rows
+        """Outside any SQLAlchemy transaction: never waits for a writer (see ``rawread``)."""
+        return rawread.fetch(self._ctx, stmt, params)
 
     @staticmethod
     def _rule_of(row: Any) -> RevocationRule:

@@ -22,7 +22,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
-from sqlalchemy import Table, Update, bindparam, func, select, update
+from sqlalchemy import String, Table, Update, bindparam, func, select, update
 
 from fleettrust import pki
 from fleettrust.errors import (
@@ -142,16 +142,23 @@ def check_allowed(ident: DeviceIdentity, *, allow_quarantine: bool = False) -> N
     _refuse_status(ident.status, allow_quarantine=allow_quarantine)
 
 
+# Built once (bound parameters): refresh_status runs on most check-ins of real devices, whose
+# connections are older than the per-connection cache's freshness bound.
+_REFRESH_STATUS = (
+    select(Device.status, Certificate.status)
+    .select_from(Device)
+    .join(Certificate, Certificate.serial_hex == bindparam("p_serial", type_=String()),
+          isouter=True)
+    .where(Device.id == bindparam("p_id", type_=String()))
+)
+
+
 def refresh_status(ctx: ServiceContext, ident: DeviceIdentity) -> DeviceIdentity:
     """Re-read the current device and certificate status (cheap; used by the per-connection
     cache when its entry is older than the cache's freshness bound)."""
     with ctx.sessions() as s:
-        row = s.execute(
-            select(Device.status, Certificate.status)
-            .select_from(Device)
-            .join(Certificate, Certificate.serial_hex == ident.serial_hex, isouter=True)
-            .where(Device.id == ident.device_id)
-        ).first()
+        row = s.execute(_REFRESH_STATUS,
+                        {"p_serial": ident.serial_hex, "p_id": ident.device_id}).first()
     if row is None:
         raise AuthorizationError("device no longer exists", code="device_unknown")
     dev_status, cert_status = row
