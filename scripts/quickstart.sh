@@ -115,6 +115,7 @@ cat <<EOF
 
 ================================================================================
 fleettrust is listening on $SERVER   (OpenAPI: $SERVER/docs)
+device gateway (mutual TLS): https://$HOST:${FLEETTRUST_GATEWAY_PORT:-8443}
 admin token:   $ADMIN_TOKEN
                (a copy is in $DATA_DIR/admin.token, mode 0600)
 data dir:      $DATA_DIR
@@ -125,6 +126,8 @@ Try:
   export FLEETTRUST_TOKEN=\$(cat $DATA_DIR/admin.token)
   .venv/bin/fleettrust ca show
   .venv/bin/fleettrust batch show $BATCH_ID
+  .venv/bin/fleettrust simulate --devices 20 --duration 10 --batch $BATCH_ID \\
+      --gateway https://$HOST:${FLEETTRUST_GATEWAY_PORT:-8443}
 
 !! The demo root CA key is in $ROOT_DIR on THIS machine (outside the data
 !! directory; the server never reads it). In production the root lives on an

@@ -63,6 +63,8 @@ def free_port() -> int:
 def clean_env(**extra: str) -> dict[str, str]:
     """The test process's environment without any FLEETTRUST_* variable, plus ``extra``."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("FLEETTRUST_")}
+    # Every server a test starts gets its own device-gateway port (8443 may be taken).
+    env["FLEETTRUST_GATEWAY_PORT"] = str(free_port())
     env.update(extra)
     return env
 
