@@ -123,8 +123,9 @@ def s_time(port: int, creds: list[tuple[Path, Path]], *, mode: str, seconds: flo
             errors.append((err or out)[-300:])
             continue
         connections += int(match.group(1))
-        marks = out.split("Collecting connection statistics", 1)[-1]
-        resumed += marks.count("r")
+        # one mark per connection: "r" resumed, "*" (or "t", "3") a full handshake
+        resumed += sum(line.count("r") for line in out.splitlines()
+                       if line and set(line) <= set("*rt3"))
     wall = time.perf_counter() - started
     server_cpu = cpu_seconds(server_pids) - cpu_before if server_pids else None
     return {"connections": connections, "seconds": round(wall, 2),

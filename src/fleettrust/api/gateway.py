@@ -378,16 +378,50 @@ def create_gateway_app(
     return app
 
 
+class ChangeFollower:
+    """Follows a table whose ids are assigned at insert but may commit out of order
+    (PostgreSQL sequences): rows above a gap are processed at once, and the gap is waited for
+    (re-queried) for up to ``GAP_WAIT_S`` before it is taken to be a rolled-back insert."""
+
+    GAP_WAIT_S = 30.0
+
+    def __init__(self, start: int) -> None:
+        self.floor = start  # every id <= floor has been processed or given up on
+        self.seen: set[int] = set()
+        self.gap_since: float | None = None
+
+    def new(self, rows: list[tuple[int, str | None, str]],
+            now: float) -> list[tuple[int, str | None, str]]:
+        fresh = [r for r in rows if r[0] > self.floor and r[0] not in self.seen]
+        self.seen.update(r[0] for r in fresh)
+        while self.floor + 1 in self.seen:
+            self.floor += 1
+            self.seen.discard(self.floor)
+        if self.seen:
+            if self.gap_since is None:
+                self.gap_since = now
+            elif now - self.gap_since > self.GAP_WAIT_S:
+                self.floor = min(self.seen)
+                self.seen.discard(self.floor)
+                while self.floor + 1 in self.seen:
+                    self.floor += 1
+                    self.seen.discard(self.floor)
+                self.gap_since = now if self.seen else None
+        else:
+            self.gap_since = None
+        return fresh
+
+
 async def _watch(state: GatewayState) -> None:
     """Follow ``status_changes`` (all processes write it) and drop affected connections;
     add newly created CAs to the client-verification store."""
-    last = await run_in_threadpool(svc.latest_status_change, state.ctx)
+    follower = ChangeFollower(await run_in_threadpool(svc.latest_status_change, state.ctx))
     next_ca = 0.0
     while True:
         try:
-            changes = await run_in_threadpool(svc.status_changes_since, state.ctx, last)
-            for change_id, device_id, status in changes:
-                last = change_id
+            changes = await run_in_threadpool(svc.status_changes_since, state.ctx,
+                                              follower.floor)
+            for _change_id, device_id, status in follower.new(changes, time.monotonic()):
                 if device_id is not None and status != "active":
                     n = state.evict_device(device_id)
                     log.info("device %s is %s: closed %d connection(s)", device_id, status, n)
