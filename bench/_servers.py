@@ -7,12 +7,13 @@ as separate processes (the gateway with N worker processes on one listening sock
   PostgreSQL schema ``bench_gateway`` (dropped and re-made when the cache is rebuilt). The fleet
   is kept between runs (``fleet.json`` says what it is); ``fresh=True`` rebuilds it.
 * :func:`serve_api` — ``fleettrust``'s operator API (uvicorn, one process) on a free port.
-* :func:`serve_gateway` — the device gateway: the parent binds one listening socket and forks
-  ``workers`` processes that each build their own ``ServiceContext`` and
+* :func:`serve_gateway` — the device gateway with N worker processes: ``launcher="serve"`` runs
+  the real server, ``fleettrust serve --workers N --gateway-port P`` (operator API, gateway and
+  background jobs in every worker; :func:`gateway_command` tells whether the CLI has it);
+  ``launcher="fork"`` binds one listening socket here (``IPPROTO_TCP``, see below) and forks N
+  processes that each build their own ``ServiceContext`` and
   ``fleettrust.api.gateway_server.build_gateway`` app and serve it with
-  ``uvicorn.Server.serve(sockets=[...])`` on the inherited socket (the kernel spreads accepted
-  connections over the processes). Used until ``fleettrust serve --workers N --gateway-port P``
-  exists; :func:`gateway_command` prefers that command when it does.
+  ``uvicorn.Server.serve(sockets=[...])`` on the inherited socket (gateway only).
 * :func:`serve_canned` — a trivial mTLS server answering every check-in with a fixed answer:
   what the simulator alone can generate (its ceiling on this machine).
 * :func:`serve_openssl` — ``openssl s_server -HTTP`` with the gateway's server certificate and
@@ -260,14 +261,6 @@ class Proc:
             if pipe is not None:
                 pipe.close()
 
-    @property
-    def pids(self) -> list[int]:
-        """The process and its direct children (gateway workers)."""
-        found = [self.popen.pid]
-        with contextlib.suppress(OSError):
-            children = Path(f"/proc/{self.popen.pid}/task/{self.popen.pid}/children").read_text()
-            found += [int(p) for p in children.split()]
-        return found
 
 
 def _wait_ready(popen: subprocess.Popen[str], name: str, timeout: float = 120.0
@@ -317,9 +310,91 @@ def gateway_command() -> list[str] | None:
     return [str(exe), "serve"] if "--gateway-port" in out else None
 
 
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _gateway_ready(fleet: Fleet, port: int, popen: subprocess.Popen[str], timeout: float
+                   ) -> None:
+    """Until ``GET /healthz`` over mTLS (first device's certificate) answers 200."""
+    import ssl
+
+    from fleettrust.agent.state import StateStore
+
+    device = next(d for d in sorted(fleet.state_root.iterdir()) if (d / "state.json").exists())
+    identity = StateStore(device, durable=False).load(verify_chain_to_root=False)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_verify_locations(cafile=str(identity.root_path))
+    context.load_cert_chain(str(identity.certificate_path), str(identity.key_path))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if popen.poll() is not None:
+            raise RuntimeError(f"fleettrust serve exited with {popen.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
+                    context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+                tls.sendall(b"GET /healthz HTTP/1.0\r\n\r\n")
+                if tls.recv(64).startswith(b"HTTP/1.1 200"):
+                    return
+        except (OSError, ssl.SSLError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError("the gateway of fleettrust serve did not answer in time")
+
+
+def serve_fleettrust(fleet: Fleet, *, workers: int, log: Path | None = None) -> Proc:
+    """``fleettrust serve --workers N --gateway-port P``: the real server (operator API,
+    device gateway and every background job in each worker) on free loopback ports."""
+    command = gateway_command()
+    if command is None:
+        raise RuntimeError("this fleettrust serve has no --gateway-port")
+    _write_credential(fleet)
+    api_port, gw_port = free_port(), free_port()
+    log = log or fleet.base / f"fleettrust-serve-{workers}.log"
+    with log.open("w") as err:
+        popen = subprocess.Popen(
+            [*command, "--data-dir", str(fleet.data_dir), "--database-url", fleet.database_url,
+             "--port", str(api_port), "--gateway-port", str(gw_port), "--workers", str(workers)],
+            cwd=fleet.base, env=bench_env(), stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        _gateway_ready(fleet, gw_port, popen, timeout=120)
+    except BaseException:
+        popen.kill()
+        popen.wait()
+        raise
+    pids = _children(popen.pid) if workers > 1 else [popen.pid]
+    return Proc(f"fleettrust serve x{workers}", popen, gw_port,
+                {"port": gw_port, "url": f"https://127.0.0.1:{gw_port}", "workers": pids,
+                 "api_port": api_port, "launcher": "fleettrust serve"})
+
+
+def _write_credential(fleet: Fleet) -> None:
+    """Issue (or reuse) the gateway's TLS credential and note its files for s_server."""
+    from fleettrust.services.gateway import ensure_gateway_credential
+
+    os.environ["FLEETTRUST_KEYSTORE_PASSPHRASE"] = KEYSTORE_PASSPHRASE
+    ctx = _ctx(fleet)
+    try:
+        settings = ctx.settings
+        cred = ensure_gateway_credential(ctx, dns_names=list(settings.gateway_dns_names),
+                                         ip_addresses=list(settings.gateway_ips))
+    finally:
+        ctx.close()
+    (fleet.data_dir / "gateway" / "bench-credential.json").write_text(
+        json.dumps(dataclasses.asdict(cred)))
+
+
 def serve_gateway(fleet: Fleet, *, workers: int, port: int | None = None,
-                  log: Path | None = None) -> Proc:
-    """The device gateway with ``workers`` processes on one listening socket."""
+                  log: Path | None = None, launcher: str = "fork") -> Proc:
+    """The device gateway with ``workers`` processes on one listening socket: this module's
+    fork launcher (gateway only), or ``launcher="serve"``: ``fleettrust serve``."""
+    if launcher == "serve":
+        return serve_fleettrust(fleet, workers=workers, log=log)
     meta = fleet.base / "fleet.json"
     args = ["gateway", "--fleet", str(meta), "--workers", str(workers),
             "--port", str(port or 0)]
@@ -417,15 +492,8 @@ def _run_api(fleet: Fleet) -> None:
 
 
 def _run_gateway(fleet: Fleet, workers: int, port: int) -> None:
-    from fleettrust.services.gateway import ensure_gateway_credential
-
-    ctx = _ctx(fleet)
-    settings = ctx.settings
-    cred = ensure_gateway_credential(ctx, dns_names=list(settings.gateway_dns_names),
-                                     ip_addresses=list(settings.gateway_ips))
-    gw_dir = settings.data_dir / "gateway"
-    (gw_dir / "bench-credential.json").write_text(json.dumps(dataclasses.asdict(cred)))
-    ctx.close()
+    _write_credential(fleet)
+    cred = json.loads((fleet.data_dir / "gateway" / "bench-credential.json").read_text())
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY only on sockets whose ``proto`` says
     # TCP, and accepted sockets inherit the listening socket's; with the default proto 0 every
     # response split into headers + body waits ~40 ms for the client's delayed ACK (Nagle).
@@ -473,8 +541,8 @@ def _run_gateway(fleet: Fleet, workers: int, port: int) -> None:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
-    _ready(port=bound, url=f"https://127.0.0.1:{bound}", workers=children,
-           credential=dataclasses.asdict(cred))
+    _ready(port=bound, url=f"https://127.0.0.1:{bound}", workers=children, credential=cred,
+           launcher="bench/_servers.py fork")
     for pid in children:
         while True:
             try:

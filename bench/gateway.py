@@ -229,11 +229,13 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
 
     # (a) full handshakes, the same s_time clients against the gateway and s_server
     handshakes: dict[str, Any] = {}
-    gw1 = _servers.serve_gateway(fleet, workers=1)
+    gw1 = _servers.serve_gateway(fleet, workers=1, launcher=args.launcher)
     try:
         handshakes["gateway_1_worker"] = s_time(gw1.port, creds, mode="-new",
                                                 seconds=args.tls_seconds, path="/healthz",
                                                 server_pids=list(gw1.info["workers"]))
+        reuse1 = s_time(gw1.port, creds, mode="-reuse", seconds=args.tls_seconds,
+                        path="/healthz")
         window1 = CpuWindow(list(gw1.info["workers"]))
         keep1 = simulate(fleet, gw1.info["url"], args, mode="keepalive", devices=args.active,
                          seconds=args.sim_seconds, warmup=True, on_progress=window1)
@@ -247,7 +249,7 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
                                                 server_pids=[openssl.popen.pid])
     finally:
         openssl.stop()
-    gw = _servers.serve_gateway(fleet, workers=args.workers)
+    gw = _servers.serve_gateway(fleet, workers=args.workers, launcher=args.launcher)
     try:
         handshakes[f"gateway_{args.workers}_workers"] = s_time(
             gw.port, creds, mode="-new", seconds=args.tls_seconds, path="/healthz",
@@ -276,8 +278,9 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
 
         # (b) resumption
         resumption: dict[str, Any] = {
-            "gateway_s_time_reuse": s_time(gw.port, creds, mode="-reuse",
-                                           seconds=args.tls_seconds, path="/healthz")}
+            "gateway_1_worker_s_time_reuse": reuse1,
+            f"gateway_{args.workers}_workers_s_time_reuse": s_time(
+                gw.port, creds, mode="-reuse", seconds=args.tls_seconds, path="/healthz")}
         # as many devices as concurrent check-ins, so that each device reconnects often
         sim_full = simulate(fleet, gw.info["url"], args, mode="handshake",
                             devices=args.concurrency, seconds=args.sim_seconds)
@@ -289,10 +292,12 @@ def bench_db(db: str, args: argparse.Namespace) -> dict[str, Any]:
                 "resumption_rate": rep.resumption_rate, "p50_ms": rep.latency_ms["p50"],
                 "p99_ms": rep.latency_ms["p99"], "errors": rep.errors}
         result["resumption"] = resumption
-        reuse = resumption["gateway_s_time_reuse"]
-        log("(b) session resumption:")
-        log(f"    s_time -reuse vs gateway      {reuse['per_s']:8.1f}/s  "
-            f"(resumed share {reuse['resumed_share']})")
+        log("(b) session resumption (s_time -reuse: TLS 1.3 tickets):")
+        for name in ("gateway_1_worker_s_time_reuse",
+                     f"gateway_{args.workers}_workers_s_time_reuse"):
+            reuse = resumption[name]
+            log(f"    {name:29s} {reuse['per_s']:8.1f}/s  "
+                f"(resumed share {reuse['resumed_share']})")
         for name in ("simulator_handshake", "simulator_resume"):
             r = resumption[name]
             log(f"    {name:29s} {r['handshakes_per_s']:8.1f} connections/s with a check-in "
@@ -367,12 +372,18 @@ def main() -> None:
     parser.add_argument("--base", type=Path, default=_servers.DEFAULT_BASE)
     parser.add_argument("--fresh", action="store_true", help="rebuild the cached fleets")
     parser.add_argument("--profile", action="store_true", help="py-spy a gateway worker")
+    parser.add_argument("--launcher", choices=("auto", "serve", "fork"), default="auto",
+                        help="serve: `fleettrust serve --workers N --gateway-port P` (the whole "
+                        "server); fork: bench/_servers.py's gateway-only workers; auto: serve "
+                        "when the CLI has --gateway-port")
     parser.add_argument("--json-out", type=Path)
     args = parser.parse_args()
+    if args.launcher == "auto":
+        args.launcher = "serve" if _servers.gateway_command() else "fork"
     started = time.perf_counter()
     dbs = ["sqlite", "postgresql"] if args.db == "both" else [args.db]
     log(f"fleettrust gateway benchmark: {os.cpu_count()} CPUs, {args.devices} devices "
-        f"registered, loopback only")
+        f"registered, gateway launched by {args.launcher!r}, loopback only")
     results = [bench_db(db, args) for db in dbs]
     total = round(time.perf_counter() - started, 1)
     log(f"\ntotal {total} s")

@@ -22,6 +22,8 @@ from fleettrust.api.tls import (
 from fleettrust.services.context import ServiceContext, read_keystore_passphrase
 from fleettrust.services.gateway import GatewayCredential, ensure_gateway_credential
 
+KEEP_ALIVE_S = 420
+
 
 @dataclass
 class Gateway:
@@ -60,5 +62,8 @@ def build_gateway(
         ssl_context=context,
         registry=registry,
         log_level=log_level,
+        # Devices check in every ~300 s (+-20 %): keep their connection (and session) open
+        # across check-ins instead of uvicorn's 5 s default.
+        timeout_keep_alive=KEEP_ALIVE_S,
     )
     return Gateway(app, server, registry, context, cred)

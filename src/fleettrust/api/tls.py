@@ -443,6 +443,12 @@ class _TLSScopeMixin(asyncio.Protocol):
         self, transport: asyncio.Transport
     ) -> None:
         super().connection_made(transport)
+        # Small request/response exchanges: never let Nagle wait for a delayed ACK (~40 ms),
+        # whatever the listening socket was created with.
+        sock: socket.socket | None = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         ssl_object: ssl.SSLObject | None = transport.get_extra_info("ssl_object")
         if ssl_object is None:
             return  # plain-HTTP listener: no TLS extension, not tracked
