@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
+
+from fleettrust.cli.common import DEFAULT_SERVER, ServerOpt, TokenOpt, make_console
 
 if TYPE_CHECKING:
     from cryptography.hazmat.primitives.asymmetric import ec
@@ -37,25 +38,8 @@ log_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
 
 
 
-def _console(stderr: bool) -> Console:
-    """As ``cli.main``: no emoji or highlighting; piped output is wide so tables are not cut."""
-    stream = sys.stderr if stderr else sys.stdout
-    try:
-        tty = stream.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    return Console(stderr=stderr, emoji=False, highlight=False, soft_wrap=True,
-                   width=None if tty else 240)
-
-
-_out = _console(stderr=False)
-_err = _console(stderr=True)
-
-DEFAULT_SERVER = "http://127.0.0.1:8080"
-ServerOpt = Annotated[str, typer.Option("--server", envvar="FLEETTRUST_SERVER",
-                                        help="API base URL")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="FLEETTRUST_TOKEN",
-                                              help="API token", show_default=False)]
+_out = make_console(stderr=False)
+_err = make_console(stderr=True)
 
 EXIT_INVALID = 1
 EXIT_USAGE = 2

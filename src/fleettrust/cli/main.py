@@ -21,11 +21,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 
 from fleettrust import __version__
 from fleettrust.cli.agent import agent_app, simulate
+from fleettrust.cli.common import DEFAULT_SERVER, ServerOpt, TokenOpt, make_console
 from fleettrust.cli.log import device_history, log_app
 from fleettrust.cli.mosquitto import mosquitto_app
 from fleettrust.cli.revoke import ca_root_crl, revoke_app
@@ -50,26 +50,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(db_app, name="db")
 
 
-def _console(stderr: bool) -> Console:
-    # No emoji codes (":CD:" in a fingerprint is not a disc), no guessing highlights, no hard
-    # wrapping of long tokens; piped output gets a wide fixed width so tables are not truncated.
-    stream = sys.stderr if stderr else sys.stdout
-    try:
-        tty = stream.isatty()
-    except (AttributeError, ValueError):
-        tty = False
-    return Console(stderr=stderr, emoji=False, highlight=False, soft_wrap=True,
-                   width=None if tty else 240)
-
-
-out = _console(stderr=False)
-err = _console(stderr=True)
-
-DEFAULT_SERVER = "http://127.0.0.1:8080"
-ServerOpt = Annotated[str, typer.Option("--server", envvar="FLEETTRUST_SERVER",
-                                        help="API base URL")]
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="FLEETTRUST_TOKEN",
-                                              help="API token", show_default=False)]
+out = make_console(stderr=False)
+err = make_console(stderr=True)
 DataDirOpt = Annotated[Path | None, typer.Option("--data-dir", envvar="FLEETTRUST_DATA_DIR",
                                                  help="server data directory [default: ./data]",
                                                  show_default=False)]
