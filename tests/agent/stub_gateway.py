@@ -106,6 +106,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, {"type": f"urn:fleettrust:problem:{code}", "title": code,
                             "status": status, "detail": detail, "code": code})
 
+    def do_GET(self) -> None:
+        """The revocation feed (docs/device-protocol.md): always an empty, current page."""
+        if self.path.startswith("/v1/revocations"):
+            self._send(200, {"format": "v1", "since": 0, "next": 0, "head": 0, "more": False,
+                             "snapshot_required": False, "events": []})
+            return
+        self._problem(404, "no_such_route", self.path)
+
     def do_POST(self) -> None:
         stub = self.server.stub
         length = int(self.headers.get("Content-Length", "0"))

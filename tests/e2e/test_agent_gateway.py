@@ -196,3 +196,32 @@ def test_simulator_against_the_real_gateway(stack: Stack, tmp_path: Path) -> Non
             assert again.resumed_connections >= 100 - 50, again  # all but each first one
         else:
             assert again.resumed_connections == 0
+
+
+def test_agent_follows_the_revocation_feed(stack: Stack, tmp_path: Path) -> None:
+    """After device B is revoked, device A's next check-in brings B's serial into A's local
+    revocation copy (catch-up with since=N over mTLS), and the position only moves forward."""
+    import json
+
+    from fleettrust.services import revocation as rev
+
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    stack.agent(*stack.enroll_args(a_dir, "a"), check=True)
+    stack.agent(*stack.enroll_args(b_dir, "b"), check=True)
+    b_state = read_state(b_dir)
+    b_serials = set(_certificates(stack, b_state["device_id"]))
+    stack.agent(*stack.run_args(a_dir), check=True)
+    rev.revoke_device(stack.ctx, stack.admin, b_state["device_id"], "keyCompromise")
+    run = stack.agent(*stack.run_args(a_dir), check=True)
+    assert "revocation feed" in run.stderr, run.stderr
+    local = json.loads((a_dir / "revocations.json").read_text())
+    text = json.dumps(local)
+    assert all(serial in text for serial in b_serials), text
+    first_seq = local["last_seq"]
+    assert first_seq >= 1
+    stack.agent(*stack.run_args(a_dir), check=True)
+    assert json.loads((a_dir / "revocations.json").read_text())["last_seq"] >= first_seq
+    # B itself is refused from now on
+    refused = stack.agent(*stack.run_args(b_dir))
+    assert refused.returncode == 3
+    assert "certificate_revoked" in refused.stderr

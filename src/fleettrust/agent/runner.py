@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import httpx
 
@@ -78,6 +78,10 @@ from fleettrust.pki.manifest import Manifest, normalize_manifest
 
 __all__ = ["Agent", "AgentConfig", "CheckinOutcome", "RunSummary"]
 
+if TYPE_CHECKING:
+    from fleettrust.agent_feed import RevocationFollower
+
+REVOCATIONS_FILE = "revocations.json"
 log = logging.getLogger("fleettrust.agent")
 
 DEFAULT_FIRMWARE_VERSION = f"fleettrust-agent-{__version__}"
@@ -187,6 +191,7 @@ class Agent:
         self._manifest_override = manifest
         self._waiter = _Waiter()
         self._client: httpx.Client | None = None
+        self._follower: RevocationFollower | None = None  # created on first use
         self._identity: Identity | None = None
         self._manifest: Manifest | None = None
         self._gateway: str | None = None
@@ -364,10 +369,35 @@ class Agent:
             at=format_time(now), outcome="ok", http_status=200, device_status=parsed.status,
             next_checkin_s=round(parsed.next_checkin_s), server_time=parsed.server_time)
         self._save(state.evolve(last_checkin=record, checkins_ok=state.checkins_ok + 1))
+        self.follow_revocations()
         renewed = False
         if self._renewal_wanted(parsed):
             renewed = self.renew(reason="gateway asked" if parsed.renew else "expiry near")
         return CheckinOutcome(ok=True, latency_s=latency, response=parsed, renewed=renewed)
+
+    def follow_revocations(self) -> int:
+        """Catch up on the fleet's revocation feed (``since=N``) over the authenticated channel;
+        the local copy (``revocations.json`` in the state directory, written atomically) answers
+        :meth:`peer_revoked` for peers. Failures are logged and retried at the next check-in."""
+        from fleettrust.agent_feed import FeedError, RevocationFollower
+
+        assert self._client is not None
+        if self._follower is None or self._follower.client is not self._client:
+            self._follower = RevocationFollower(
+                self._client, self.config.state_dir / REVOCATIONS_FILE)
+        try:
+            applied = self._follower.catch_up()
+        except (FeedError, httpx.HTTPError, OSError) as exc:
+            log.warning("revocation feed catch-up failed: %s", exc)
+            return 0
+        if applied:
+            log.info("revocation feed: %d new event(s), position %d", applied,
+                     self._follower.last_seq)
+        return applied
+
+    def peer_revoked(self, serial_hex: str) -> bool:
+        """Whether a peer's certificate serial is revoked, from the local feed copy."""
+        return self._follower is not None and self._follower.is_revoked(serial_hex)
 
     def _save(self, state: Any) -> None:
         saved = self.store.save(state, now=self._clock())
