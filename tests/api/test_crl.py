@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -267,7 +268,12 @@ def test_delta_crls_hold_release_and_openssl_use_deltas(world: World, ctx: Servi
         for doc in s.scalars(select(CrlDocument).where(CrlDocument.ca_id == ca)):
             doc.this_update -= dt.timedelta(days=2)
         s.commit()
+    # CRLs follow revocations through the server's in-memory index (100 ms poll): wait for it.
+    deadline = time.monotonic() + 5
     anchored = _get(w, f"/crl/{ca}.crl")
+    while good_serial not in _serials(anchored) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        anchored = _get(w, f"/crl/{ca}.crl")
     assert _serials(anchored)[good_serial] == "certificateHold"
     rev.release_device(ctx, admin, w.plain_good.device_id)
     delta = _get(w, f"/crl/{ca}/delta.crl")
