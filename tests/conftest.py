@@ -189,15 +189,18 @@ def free_port() -> int:
 class LiveServer:
     """The real API app under uvicorn in a thread, on a free loopback port."""
 
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext | None = None, *, app: Any = None) -> None:
+        """Serve ``create_app(ctx)``, or any ASGI ``app`` given instead."""
         import uvicorn
 
         from fleettrust.api.app import create_app
 
+        if app is None:
+            assert ctx is not None, "LiveServer needs a context or an app"
+            app = create_app(ctx)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(create_app(ctx), host="127.0.0.1", port=self.port,
-                                log_level="warning")
+        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
@@ -212,6 +215,7 @@ class LiveServer:
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True
+        self.server.force_exit = True
         self.thread.join(timeout=10)
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -20,7 +18,7 @@ from fleettrust.services import gateway as gw_svc
 from fleettrust.services import hierarchy, issuance
 from fleettrust.services.auth import Principal
 from fleettrust.services.context import ServiceContext
-from tests.conftest import device_csr, free_port, manifest
+from tests.conftest import LiveServer, device_csr, manifest
 
 
 @dataclass
@@ -60,39 +58,14 @@ def renew(ctx: ServiceContext, dev: IssuedDevice) -> IssuedDevice:
 
 
 def ledger_app(ctx: ServiceContext) -> FastAPI:
+    """The operator app; it already serves the ledger routes (``ledger_routes.router``)."""
     from fleettrust.api.app import create_app
-    from fleettrust.api.ledger_routes import router
 
-    app = create_app(ctx)
-    app.include_router(router)
-    return app
+    return create_app(ctx)
 
 
-class LedgerServer:
-    """The API app plus the ledger router under uvicorn in a thread."""
-
-    def __init__(self, ctx: ServiceContext) -> None:
-        import uvicorn
-
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(ledger_app(ctx), host="127.0.0.1", port=self.port,
-                                log_level="warning")
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> LedgerServer:
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
+class LedgerServer(LiveServer):
+    """The API app (with the ledger router) under uvicorn in a thread."""
 
 
 @pytest.fixture

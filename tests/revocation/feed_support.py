@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI
 
 from fleettrust.api.app import create_app
-from fleettrust.api.feed_routes import operator_router
 from fleettrust.services import issuance
 from fleettrust.services.auth import Principal
 from fleettrust.services.context import ServiceContext
-from tests.conftest import device_csr, free_port, manifest
+from tests.conftest import LiveServer, device_csr, free_port, manifest
 
 
 def issue_many(ctx: ServiceContext, principal: Principal, batch_id: str,
@@ -27,34 +24,15 @@ def issue_many(ctx: ServiceContext, principal: Principal, batch_id: str,
 
 
 def operator_app(ctx: ServiceContext) -> FastAPI:
-    app = create_app(ctx)
-    app.include_router(operator_router)
-    return app
+    """The operator app; it already serves the feed (``feed_routes.operator_router``)."""
+    return create_app(ctx)
 
 
-class AppServer:
+class AppServer(LiveServer):
     """An ASGI app under uvicorn in a thread on a free loopback port (plain HTTP)."""
 
     def __init__(self, app: Any) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self) -> AppServer:
-        self.thread.start()
-        deadline = time.time() + 10
-        while not self.server.started:
-            if time.time() > deadline:
-                raise RuntimeError("server did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.server.force_exit = True
-        self.thread.join(timeout=10)
+        super().__init__(app=app)
 
 
 def wait_until(predicate: Any, timeout: float = 5.0, interval: float = 0.02) -> bool:
