@@ -276,7 +276,21 @@ def test_delta_crls_hold_release_and_openssl_use_deltas(world: World, ctx: Servi
         anchored = _get(w, f"/crl/{ca}.crl")
     assert _serials(anchored)[good_serial] == "certificateHold"
     rev.release_device(ctx, admin, w.plain_good.device_id)
+
+    def released(d: bytes) -> bool:
+        """The delta reflects the release: removeFromCRL relative to the anchored base, or a
+        newer base (without the hold) that the delta is relative to."""
+        n = x509.load_der_x509_crl(d).extensions.get_extension_for_class(
+            x509.DeltaCRLIndicator).value.crl_number
+        anchored_no = x509.load_der_x509_crl(anchored).extensions.get_extension_for_class(
+            x509.CRLNumber).value.crl_number
+        return n > anchored_no or _serials(d) == {good_serial: "removeFromCRL"}
+
+    deadline = time.monotonic() + 5  # CRLs follow revocations within the promised 5 s
     delta = _get(w, f"/crl/{ca}/delta.crl")
+    while not released(delta) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        delta = _get(w, f"/crl/{ca}/delta.crl")
     assert_pkilint_clean_crl(delta)
     # The server's publisher may already have re-anchored on a new base CRL (without the hold)
     # when the delta is fetched; both outcomes are correct RFC 5280 publications.
